@@ -1,0 +1,622 @@
+"""Read processed-grid files and stack them into a spot-by-exposure set.
+
+Two on-disk formats are understood (DESIGN.md section 4):
+
+* **DM grid source catalogues** (``gridSpotSrc``, mixcoatl ``gridFit``): an LSST
+  SourceCatalog FITS table with ``spotgrid_index`` (NaN or -1 when a source
+  was not matched to the grid), ``base_SdssCentroid_x/y``,
+  ``base_SdssShape_xx/yy/xy``, ``base_SdssShape_instFlux`` (+``Err``) and the
+  grid parameters in a ``GRID_INFO`` HDU header (or ``GRID_*`` header cards).
+* **Legacy processed grids** (mixcoatl 2019-2020): grid parameters in the
+  primary header and one row per grid point with ``X Y DX DY XX YY DXX DYY
+  FLUX DFLUX`` (NaN where unmatched). Every measured quantity is base + delta.
+
+Flux column defaults: ``base_SdssShape_instFlux`` for DM catalogues (the
+adaptive-moment flux, measured with the same weight as the shapes used to
+sample the flat), and ``FLUX+DFLUX`` for legacy files (the sum is right both
+for files straight from the grid task, where ``FLUX = 0``, and for files after
+distortion correction, where ``FLUX`` holds the per-spot mean). Any other
+column of the table can be named instead, e.g.
+``base_CircularApertureFlux_12_0_instFlux`` or ``DFLUX``.
+
+The spot index ``k`` runs over the grid with grid column ``k // nrows`` and
+grid row ``k % nrows`` (the mixcoatl convention, checked on a real catalogue).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.utils.exceptions import AstropyUserWarning
+
+from .errors import InputError
+
+__all__ = [
+    "SpotGrids",
+    "GridFile",
+    "GRID_KEYS",
+    "QUANTITIES",
+    "grid_positions",
+    "parse_filename",
+    "find_grid_files",
+    "read_grid_file",
+    "read_grids",
+    "group_by_detector",
+]
+
+#: Grid-parameter header keywords, in the order mixcoatl writes them.
+GRID_KEYS = ("X0", "Y0", "XSTEP", "YSTEP", "THETA", "NCOLS", "NROWS")
+
+#: Per-spot quantities stacked into ``[spot, exposure]`` arrays.
+QUANTITIES = ("flux", "flux_err", "x", "y", "dx", "dy", "xx", "yy", "xy")
+
+DM_DEFAULT_FLUX = "base_SdssShape_instFlux"
+LEGACY_DEFAULT_FLUX = "FLUX+DFLUX"
+
+_FITS_SUFFIXES = (".fits", ".fit", ".fts", ".cat", ".fits.gz", ".fit.gz", ".cat.gz", ".fits.fz")
+
+_NAME_RE = re.compile(
+    r"^(?P<prefix>[A-Z]{2}_[A-Z])_(?P<date>\d{8})_(?P<seq>\d{6})_"
+    r"(?P<raft>R\d\d)_(?P<sensor>S\d\d|SG\d|SW\d)_"
+    r"(?P<exptime>\d+(?:\.\d*)?)s_(?P<x>[-+]?\d+(?:\.\d*)?)x_(?P<y>[-+]?\d+(?:\.\d*)?)y"
+    r"(?:_(?P<suffix>.*))?$"
+)
+
+
+def grid_positions(x0: float, y0: float, xstep: float, ystep: float, theta: float,
+                   ncols: int, nrows: int) -> tuple[np.ndarray, np.ndarray]:
+    """CCD pixel positions of every grid point, in spot-index order.
+
+    Parameters
+    ----------
+    x0, y0 : float
+        Grid centre in CCD pixels.
+    xstep, ystep : float
+        Grid step along the grid's columns and rows (pixels).
+    theta : float
+        Grid rotation (radians, counter-clockwise).
+    ncols, nrows : int
+        Grid size.
+
+    Returns
+    -------
+    x, y : numpy.ndarray
+        Arrays of length ``ncols * nrows``; spot ``k`` has grid column
+        ``k // nrows`` and grid row ``k % nrows``.
+
+    Examples
+    --------
+    >>> x, y = grid_positions(100.0, 200.0, 10.0, 10.0, 0.0, 3, 3)
+    >>> x.reshape(3, 3)[:, 0], y[:3]
+    (array([ 90., 100., 110.]), array([190., 200., 210.]))
+    """
+    k = np.arange(int(ncols) * int(nrows))
+    u = (k // nrows - (ncols - 1) / 2.0) * xstep
+    v = (k % nrows - (nrows - 1) / 2.0) * ystep
+    c, s = np.cos(theta), np.sin(theta)
+    return x0 + u * c - v * s, y0 + u * s + v * c
+
+
+def parse_filename(name: str | os.PathLike) -> dict | None:
+    """Metadata encoded in a processed-grid file name.
+
+    Parameters
+    ----------
+    name : str or os.PathLike
+        A name like ``MC_C_20191031_001500_R02_S02_20.0s_-293.2x_39.6y_gridfit.cat``
+        (a directory part is ignored).
+
+    Returns
+    -------
+    dict or None
+        ``obs_date`` (``YYYY-MM-DD``), ``seqnum`` (int), ``raft``, ``sensor``,
+        ``detector`` (``R02_S02``), ``exptime`` (s), ``bot_x``, ``bot_y``
+        (projector position, mm) and ``obsid`` (``MC_C_20191031_001500``);
+        ``None`` when the name does not follow the convention.
+
+    Examples
+    --------
+    >>> m = parse_filename("MC_C_20191031_001500_R02_S02_20.0s_-293.2x_39.6y_gridfit.cat")
+    >>> m["detector"], m["exptime"], m["bot_x"], m["bot_y"], m["seqnum"]
+    ('R02_S02', 20.0, -293.2, 39.6, 1500)
+    """
+    base = Path(name).name
+    for suffix in sorted(_FITS_SUFFIXES, key=len, reverse=True):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    m = _NAME_RE.match(base)
+    if m is None:
+        return None
+    d = m["date"]
+    return {
+        "obsid": f"{m['prefix']}_{d}_{m['seq']}",
+        "obs_date": f"{d[:4]}-{d[4:6]}-{d[6:]}",
+        "seqnum": int(m["seq"]),
+        "raft": m["raft"],
+        "sensor": m["sensor"],
+        "detector": f"{m['raft']}_{m['sensor']}",
+        "exptime": float(m["exptime"]),
+        "bot_x": float(m["x"]),
+        "bot_y": float(m["y"]),
+    }
+
+
+def _is_fits(path: Path) -> bool:
+    """True when the file starts like FITS (plain or gzip-compressed)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return head.startswith(b"SIMPLE  =") or head[:2] == b"\x1f\x8b"
+
+
+def find_grid_files(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Processed-grid FITS files under ``directory``, sorted by name.
+
+    Files that are not FITS (by content, not only by name) are skipped with a
+    :class:`UserWarning` naming them.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Folder to search.
+    recursive : bool
+        Search sub-folders too (a focal-plane tree holds one per detector).
+
+    Returns
+    -------
+    list of pathlib.Path
+
+    Raises
+    ------
+    InputError
+        When the folder does not exist or holds no FITS file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError("not a directory", path=directory, expected="a folder of processed-grid files")
+    pattern = "**/*" if recursive else "*"
+    found, skipped = [], []
+    for p in sorted(directory.glob(pattern)):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if _is_fits(p):
+            found.append(p)
+        else:
+            skipped.append(p)
+    for p in skipped:
+        warnings.warn(f"{p}: not a FITS file, skipped", UserWarning, stacklevel=2)
+    if not found:
+        raise InputError("no processed-grid FITS files found", path=directory,
+                         expected="*_gridfit.cat or *_processed_grid.fits files")
+    return found
+
+
+@dataclass
+class GridFile:
+    """One processed-grid file: per-spot arrays of length ``ncols * nrows``.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    format : str
+        ``"dm"`` or ``"legacy"``.
+    grid : dict
+        Grid parameters ``X0 Y0 XSTEP YSTEP THETA NCOLS NROWS``.
+    values : dict of numpy.ndarray
+        The quantities of :data:`QUANTITIES`, NaN where a spot is missing.
+    meta : dict
+        File-name and header metadata (detector, exptime, bot_x, bot_y, ...).
+    flux_column : str
+        The column (or sum) the ``flux`` values came from.
+    """
+
+    path: Path
+    format: str
+    grid: dict
+    values: dict
+    meta: dict
+    flux_column: str
+
+    @property
+    def nspot(self) -> int:
+        return int(self.grid["NCOLS"]) * int(self.grid["NROWS"])
+
+
+def _grid_from_header(header, path, prefix: str = "") -> dict | None:
+    keys = [prefix + k for k in GRID_KEYS]
+    if not all(k in header for k in keys):
+        return None
+    grid = {k: header[prefix + k] for k in GRID_KEYS}
+    try:
+        grid = {k: (int(v) if k in ("NCOLS", "NROWS") else float(v)) for k, v in grid.items()}
+    except (TypeError, ValueError):
+        raise InputError("grid parameters in the header are not numbers", path=path) from None
+    if grid["NCOLS"] < 1 or grid["NROWS"] < 1:
+        raise InputError(f"grid size {grid['NCOLS']} x {grid['NROWS']} is empty", path=path)
+    return grid
+
+
+def _column(data, name: str, path) -> np.ndarray:
+    """A table column as float64, or a clear error naming what is there."""
+    if "+" in name:  # a sum of columns, e.g. FLUX+DFLUX
+        parts = [p.strip() for p in name.split("+")]
+        return sum(_column(data, p, path) for p in parts)
+    names = data.columns.names if hasattr(data, "columns") else data.dtype.names
+    if name not in names:
+        raise InputError(f"table has no column {name!r}", path=path,
+                         expected="one of " + ", ".join(n for n in names if "lux" in n.lower() or n in ("FLUX", "DFLUX"))
+                         if any("lux" in n.lower() for n in names) else None)
+    return np.asarray(data[name], dtype=np.float64)
+
+
+def _header_meta(path: Path, headers: Sequence) -> dict:
+    """File-name metadata, completed/overridden from header cards when present."""
+    meta = parse_filename(path) or {}
+    meta = dict(meta)
+    for hdr in headers:
+        if "EXPTIME" in hdr and "exptime" not in meta:
+            meta["exptime"] = float(hdr["EXPTIME"])
+        if "BOTXCAM" in hdr and "bot_x" not in meta:
+            meta["bot_x"] = float(hdr["BOTXCAM"])
+        if "BOTYCAM" in hdr and "bot_y" not in meta:
+            meta["bot_y"] = float(hdr["BOTYCAM"])
+        if "RAFTBAY" in hdr and "CCDSLOT" in hdr and "detector" not in meta:
+            meta["raft"] = str(hdr["RAFTBAY"]).strip()
+            meta["sensor"] = str(hdr["CCDSLOT"]).strip()
+            meta["detector"] = f"{meta['raft']}_{meta['sensor']}"
+    return meta
+
+
+def _read_dm(path: Path, hdul, flux_column: str | None) -> GridFile:
+    table_hdu = hdul[1]
+    data = table_hdu.data
+    grid = None
+    if "GRID_INFO" in hdul:
+        grid = _grid_from_header(hdul["GRID_INFO"].header, path)
+    for hdr in (table_hdu.header, hdul[0].header):
+        if grid is None:
+            grid = _grid_from_header(hdr, path, prefix="GRID_")
+    if grid is None:
+        raise InputError("no grid parameters", path=path,
+                         expected="a GRID_INFO HDU or GRID_X0..GRID_NROWS header cards")
+    nspot = grid["NCOLS"] * grid["NROWS"]
+    flux_column = flux_column or DM_DEFAULT_FLUX
+    index = _column(data, "spotgrid_index", path)
+    ok = np.isfinite(index) & (index >= 0)
+    idx = index[ok].astype(np.int64)
+    if np.any(idx >= nspot) or np.any(idx != index[ok]):
+        raise InputError(f"spotgrid_index outside the {grid['NCOLS']} x {grid['NROWS']} grid", path=path)
+    uniq, counts = np.unique(idx, return_counts=True)
+    if np.any(counts > 1):
+        dup = uniq[counts > 1]
+        raise InputError(f"duplicate spot indices ({', '.join(map(str, dup[:5]))}"
+                         f"{', ...' if len(dup) > 5 else ''})", path=path, expected="each grid point matched once")
+
+    def put(col: np.ndarray) -> np.ndarray:
+        out = np.full(nspot, np.nan)
+        out[idx] = col[ok]
+        return out
+
+    names = data.columns.names
+    x = put(_column(data, "base_SdssCentroid_x", path))
+    y = put(_column(data, "base_SdssCentroid_y", path))
+    if "spotgrid_x" in names and "spotgrid_y" in names:
+        gx, gy = put(_column(data, "spotgrid_x", path)), put(_column(data, "spotgrid_y", path))
+    else:
+        gx, gy = grid_positions(*(grid[k] for k in GRID_KEYS))
+    err_name = flux_column + "Err"
+    values = {
+        "flux": put(_column(data, flux_column, path)),
+        "flux_err": put(_column(data, err_name, path)) if err_name in names else np.full(nspot, np.nan),
+        "x": x, "y": y, "dx": x - gx, "dy": y - gy,
+        "xx": put(_column(data, "base_SdssShape_xx", path)),
+        "yy": put(_column(data, "base_SdssShape_yy", path)),
+        "xy": put(_column(data, "base_SdssShape_xy", path)) if "base_SdssShape_xy" in names
+        else np.full(nspot, np.nan),
+    }
+    meta = _header_meta(path, [hdul[0].header, table_hdu.header])
+    return GridFile(path, "dm", grid, values, meta, flux_column)
+
+
+def _read_legacy(path: Path, hdul, flux_column: str | None) -> GridFile:
+    grid = _grid_from_header(hdul[0].header, path)
+    if grid is None:
+        raise InputError("no grid parameters in the primary header", path=path,
+                         expected="X0 Y0 XSTEP YSTEP THETA NCOLS NROWS")
+    nspot = grid["NCOLS"] * grid["NROWS"]
+    data = hdul[1].data
+    nrow = 0 if data is None else len(data)
+    if nrow != nspot:
+        raise InputError(f"table has {nrow} rows for a {grid['NCOLS']} x {grid['NROWS']} grid",
+                         path=path, expected=f"{nspot} rows, one per grid point")
+    flux_column = flux_column or LEGACY_DEFAULT_FLUX
+    c = {n: _column(data, n, path) for n in ("X", "Y", "DX", "DY", "XX", "YY", "DXX", "DYY")}
+    flux = _column(data, flux_column, path)
+    values = {
+        "flux": flux,
+        "flux_err": np.full(nspot, np.nan),
+        "x": c["X"] + c["DX"], "y": c["Y"] + c["DY"],
+        "dx": c["DX"].copy(), "dy": c["DY"].copy(),
+        "xx": c["XX"] + c["DXX"], "yy": c["YY"] + c["DYY"],
+        "xy": np.full(nspot, np.nan),
+    }
+    # a spot with no flux is unmatched, whatever its base columns say
+    missing = ~np.isfinite(flux)
+    for v in values.values():
+        v[missing] = np.nan
+    meta = _header_meta(path, [hdul[0].header, hdul[1].header])
+    return GridFile(path, "legacy", grid, values, meta, flux_column)
+
+
+def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> GridFile:
+    """Read one processed-grid file of either format.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A DM grid source catalogue or a legacy processed-grid file.
+    flux_column : str, optional
+        Flux column to use (a ``+`` between names sums columns). Defaults to
+        ``base_SdssShape_instFlux`` (DM) or ``FLUX+DFLUX`` (legacy).
+
+    Returns
+    -------
+    GridFile
+
+    Raises
+    ------
+    InputError
+        When the file is unreadable, truncated, of neither format, lacks the
+        flux column or the grid parameters, or has duplicate spot indices.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            warnings.filterwarnings("error", message=".*truncated.*", category=AstropyUserWarning)
+            with fits.open(path, memmap=False) as hdul:
+                return _read_open(path, hdul, flux_column)
+    except InputError:
+        raise
+    except AstropyUserWarning as exc:
+        raise InputError(f"damaged FITS file ({exc})", path=path) from None
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise InputError(f"cannot read FITS file ({exc})", path=path) from None
+
+
+def _read_open(path: Path, hdul, flux_column: str | None) -> GridFile:
+    hdul.verify("silentfix")
+    if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
+        raise InputError("no binary table in HDU 1", path=path,
+                         expected="a processed-grid table (DM or legacy)")
+    names = hdul[1].columns.names
+    if "spotgrid_index" in names:
+        return _read_dm(path, hdul, flux_column)
+    if "DFLUX" in names or ("X" in names and "DX" in names):
+        return _read_legacy(path, hdul, flux_column)
+    raise InputError("neither a DM grid catalogue nor a legacy processed grid", path=path,
+                     expected="a 'spotgrid_index' column or X/DX/FLUX/DFLUX columns")
+
+
+@dataclass
+class SpotGrids:
+    """Processed-grid measurements stacked as ``[spot, exposure]`` arrays.
+
+    Attributes
+    ----------
+    flux, flux_err, x, y, dx, dy, xx, yy, xy : numpy.ndarray
+        2-D float arrays of shape ``(nspot, nexp)``, NaN where a spot was not
+        measured. ``x, y`` are CCD pixel centroids; ``dx, dy`` the shift from
+        the fitted grid point; ``xx, yy, xy`` second moments (pixel^2).
+    exposures : astropy.table.Table
+        One row per exposure (file): ``filename``, ``path``, ``format``,
+        ``detector``, ``raft``, ``sensor``, ``obsid``, ``obs_date``, ``seqnum``,
+        ``exptime`` (s), ``bot_x``, ``bot_y`` (mm), the grid parameters
+        ``x0 y0 xstep ystep theta ncols nrows`` and ``nfound`` (spots measured).
+    flux_column : str
+        Column the fluxes came from.
+    detector : str
+        Detector name (``R22_S11``); ``""`` when the files do not say.
+    """
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    xx: np.ndarray
+    yy: np.ndarray
+    xy: np.ndarray
+    exposures: Table
+    flux_column: str
+    detector: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nspot(self) -> int:
+        """Number of grid points."""
+        return self.flux.shape[0]
+
+    @property
+    def nexp(self) -> int:
+        """Number of exposures."""
+        return self.flux.shape[1]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(ncols, nrows)`` of the spot grid."""
+        return int(self.exposures["ncols"][0]), int(self.exposures["nrows"][0])
+
+    @property
+    def spotgrid_index(self) -> np.ndarray:
+        """Spot indices ``0 .. nspot-1``."""
+        return np.arange(self.nspot)
+
+    def quantity(self, name: str) -> np.ndarray:
+        """One of :data:`QUANTITIES`, or ``size`` (``xx + yy``)."""
+        if name == "size":
+            return self.xx + self.yy
+        if name not in QUANTITIES:
+            raise InputError(f"unknown quantity {name!r}", expected=", ".join(QUANTITIES + ("size",)))
+        return getattr(self, name)
+
+
+_EXPOSURE_COLUMNS = (
+    ("filename", str), ("path", str), ("format", str), ("detector", str), ("raft", str),
+    ("sensor", str), ("obsid", str), ("obs_date", str), ("seqnum", np.int64),
+    ("exptime", np.float64), ("bot_x", np.float64), ("bot_y", np.float64),
+    ("x0", np.float64), ("y0", np.float64), ("xstep", np.float64), ("ystep", np.float64),
+    ("theta", np.float64), ("ncols", np.int64), ("nrows", np.int64), ("nfound", np.int64),
+)
+_EXPOSURE_UNITS = {"exptime": "s", "bot_x": "mm", "bot_y": "mm", "x0": "pix", "y0": "pix",
+                   "xstep": "pix", "ystep": "pix", "theta": "rad"}
+
+
+def _exposure_row(gf: GridFile) -> dict:
+    m = gf.meta
+    g = gf.grid
+    return {
+        "filename": gf.path.name, "path": str(gf.path.resolve()), "format": gf.format,
+        "detector": m.get("detector", ""), "raft": m.get("raft", ""), "sensor": m.get("sensor", ""),
+        "obsid": m.get("obsid", ""), "obs_date": m.get("obs_date", ""), "seqnum": m.get("seqnum", -1),
+        "exptime": m.get("exptime", np.nan), "bot_x": m.get("bot_x", np.nan), "bot_y": m.get("bot_y", np.nan),
+        "x0": g["X0"], "y0": g["Y0"], "xstep": g["XSTEP"], "ystep": g["YSTEP"], "theta": g["THETA"],
+        "ncols": g["NCOLS"], "nrows": g["NROWS"],
+        "nfound": int(np.isfinite(gf.values["flux"]).sum()),
+    }
+
+
+def _as_paths(path_or_paths) -> list[Path]:
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        p = Path(path_or_paths)
+        if not p.exists():
+            raise InputError("no such file or directory", path=p,
+                             expected="processed-grid files or a folder of them")
+        return find_grid_files(p) if p.is_dir() else [p]
+    paths = [Path(p) for p in path_or_paths]
+    if not paths:
+        raise InputError("no input files given", expected="processed-grid files or a folder of them")
+    return paths
+
+
+def group_by_detector(paths: Iterable[str | os.PathLike]) -> dict[str, list[Path]]:
+    """Group processed-grid files by detector, using their names (or headers).
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+
+    Returns
+    -------
+    dict
+        ``{detector: [paths...]}`` in sorted detector order; files whose
+        detector cannot be told are grouped under ``""``.
+    """
+    groups: dict[str, list[Path]] = {}
+    for p in map(Path, paths):
+        meta = parse_filename(p)
+        if meta is None:
+            try:
+                with fits.open(p) as hdul:
+                    meta = _header_meta(p, [h.header for h in hdul[:2]])
+            except (OSError, ValueError):
+                meta = {}
+        groups.setdefault(meta.get("detector", ""), []).append(p)
+    return dict(sorted(groups.items()))
+
+
+def stack_grid_files(files: Sequence[GridFile], detector: str | None = None) -> SpotGrids:
+    """Stack already-read :class:`GridFile` objects into a :class:`SpotGrids`.
+
+    Exposures are ordered by observation date, sequence number and file name.
+    All files must share the grid size and (if known) the detector.
+
+    Raises
+    ------
+    InputError
+        On a grid-size mismatch, mixed detectors or mixed flux columns.
+    """
+    if not files:
+        raise InputError("no processed-grid files to stack")
+    files = sorted(files, key=lambda f: (f.meta.get("obs_date", ""), f.meta.get("seqnum", -1), f.path.name))
+    ref = files[0]
+    for f in files[1:]:
+        if (f.grid["NCOLS"], f.grid["NROWS"]) != (ref.grid["NCOLS"], ref.grid["NROWS"]):
+            raise InputError(f"grid size {f.grid['NCOLS']} x {f.grid['NROWS']} differs from "
+                             f"{ref.grid['NCOLS']} x {ref.grid['NROWS']} in {ref.path.name}", path=f.path,
+                             expected="all files of one run on the same grid")
+    dets = sorted({f.meta.get("detector", "") for f in files} - {""})
+    if detector:
+        if dets and dets != [detector]:
+            raise InputError(f"files are from {', '.join(dets)}, not {detector}")
+        dets = [detector]
+    if len(dets) > 1:
+        raise InputError(f"files from {len(dets)} detectors ({', '.join(dets)}); "
+                         "choose one with detector=... (or --detector)")
+    values = {q: np.stack([f.values[q] for f in files], axis=1) for q in QUANTITIES}
+    rows = [_exposure_row(f) for f in files]
+    exposures = Table({name: np.array([r[name] for r in rows], dtype=dtype)
+                       for name, dtype in _EXPOSURE_COLUMNS})
+    for name, unit in _EXPOSURE_UNITS.items():
+        exposures[name].unit = unit
+    return SpotGrids(**values, exposures=exposures, flux_column=ref.flux_column,
+                     detector=dets[0] if dets else "")
+
+
+def read_grids(path_or_paths, flux_column: str | None = None, detector: str | None = None,
+               progress: bool = False) -> SpotGrids:
+    """Read processed-grid files into a stacked spot-by-exposure set.
+
+    Parameters
+    ----------
+    path_or_paths : path-like or sequence of path-like
+        A folder (searched recursively; non-FITS files are skipped with a
+        warning), one file, or a list of files.
+    flux_column : str, optional
+        Flux column; see the module notes for the defaults.
+    detector : str, optional
+        Keep only the files of this detector (by file name or header). Without
+        it, files from several detectors are an error: spotflat never mixes
+        detectors silently.
+    progress : bool
+        Show a progress bar over files (for the command line).
+
+    Returns
+    -------
+    SpotGrids
+
+    Examples
+    --------
+    >>> grids = read_grids("spotdata/")                       # doctest: +SKIP
+    >>> grids.flux.shape                                      # doctest: +SKIP
+    (2401, 200)
+    >>> grids.exposures["filename", "bot_x", "bot_y"][:2]      # doctest: +SKIP
+    """
+    paths = _as_paths(path_or_paths)
+    if detector:
+        groups = group_by_detector(paths)
+        paths = groups.get(detector, []) + groups.get("", [])
+        if not paths:
+            raise InputError(f"no files for detector {detector}",
+                             expected="one of " + ", ".join(k for k in groups if k))
+    if progress:
+        import click
+
+        with click.progressbar(paths, label="Reading grid files", file=None,
+                               show_pos=True) as bar:
+            files = [read_grid_file(p, flux_column) for p in bar]
+    else:
+        files = [read_grid_file(p, flux_column) for p in paths]
+    return stack_grid_files(files, detector=detector)

@@ -1,0 +1,93 @@
+"""F[k], s[j] recovery (pulls), statistics, catalogue I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import spotflat
+from spotflat.calibration import estimate_scales, read_calibration, write_calibration
+from spotflat.errors import InputError
+
+from gridfiles import truth, write_run
+
+
+@pytest.mark.parametrize("stat", ["mean", "median", "clipped"])
+def test_recovery_pulls_unit_width(stat):
+    nspot, nexp = 900, 40
+    F0, s0, f, (ko, jo) = truth(nspot, nexp, seed=11, noise=0.01, missing=0.03, outliers=0)
+    F, s, used, niter, ok = estimate_scales(f, stat=stat)
+    assert ok
+    norm = np.median(s0)
+    pull_s = (s - s0 / norm)
+    # F pulls against the calibration's own errors
+    grids_like = f / s[None, :]
+    n = np.isfinite(f).sum(1)
+    eff = np.sqrt(np.pi / 2) if stat == "median" else 1.0
+    err = eff * np.nanstd(grids_like, axis=1, ddof=1) / np.sqrt(n)
+    pull = (F - F0 * norm) / err
+    assert abs(np.std(pull) - 1.0) < 0.12, np.std(pull)
+    assert abs(np.mean(pull)) < 0.15
+    assert np.max(np.abs(pull_s)) < 5 * 0.01 / np.sqrt(nspot) * 3
+
+
+def test_clipped_resists_outliers():
+    F0, s0, f, (ko, jo) = truth(400, 30, seed=2, noise=0.005, missing=0.0, outliers=0)
+    bad = f.copy()
+    bad[7, 3] *= 5.0  # one cosmic ray
+    Fm, *_ = estimate_scales(bad, stat="mean")
+    Fc, sc, used, *_ = estimate_scales(bad, stat="clipped")
+    F_clean, *_ = estimate_scales(f, stat="mean")
+    assert abs(Fm[7] / F_clean[7] - 1) > 0.05
+    assert abs(Fc[7] / F_clean[7] - 1) < 0.005
+    assert not used[7, 3] and used.sum() >= f.size - 4  # ~1 clean 4-sigma clip expected
+
+
+@pytest.mark.parametrize("fmt", ["dm", "legacy"])
+@pytest.mark.parametrize("stat", ["mean", "median", "clipped"])
+def test_build_from_files_pulls(tmp_path, fmt, stat):
+    paths, F0, s0, f = write_run(tmp_path, fmt=fmt, nexp=30, ncols=20, nrows=20, seed=5,
+                                 noise=0.01, outliers=0 if stat != "clipped" else 6)
+    grids = spotflat.read_grids(tmp_path)
+    cal = spotflat.build_calibration(grids, stat=stat, min_dithers=5)
+    norm = np.median(s0)
+    ok = cal.spots["valid"]
+    pull = (cal.F[ok] - F0[ok] * norm) / np.asarray(cal.spots["flux_err"])[ok]
+    assert 0.8 < np.std(pull) < 1.25, np.std(pull)
+    spull = (cal.s - s0 / norm) / np.asarray(cal.exposures["scale_err"])
+    assert np.std(spull) < 2.0
+    assert np.median(cal.s) == pytest.approx(1.0)
+
+
+def test_catalogue_roundtrip(tmp_path):
+    write_run(tmp_path / "d", nexp=8, ncols=6, nrows=6)
+    cal = spotflat.build_calibration(spotflat.read_grids(tmp_path / "d"), min_dithers=3)
+    out = tmp_path / "calib.fits"
+    written = write_calibration(cal, out, ecsv=True)
+    assert [p.name for p in written] == ["calib.fits", "calib_spots.ecsv", "calib_exposures.ecsv"]
+    for p in (out, tmp_path / "calib_spots.ecsv"):
+        back = read_calibration(p)
+        assert back.spots.colnames == cal.spots.colnames
+        for c in cal.spots.colnames:
+            np.testing.assert_array_equal(np.asarray(back.spots[c]), np.asarray(cal.spots[c]))
+            assert back.spots[c].unit == cal.spots[c].unit
+        for c in cal.exposures.colnames:
+            np.testing.assert_array_equal(np.asarray(back.exposures[c]), np.asarray(cal.exposures[c]))
+        assert back.meta["DETECTOR"] == "R22_S11" and back.meta["STAT"] == "clipped"
+        assert back.meta["SFVERS"] == spotflat.__version__ and back.meta["NINPUT"] == 8
+        assert back.meta["FLUXCOL"] == "base_SdssShape_instFlux" and "DATE" in back.meta
+    # relative throughput from the re-read catalogue
+    t = read_calibration(out).relative_throughput(spotflat.read_grids(tmp_path / "d"))
+    assert t.shape == (36, 8) and abs(np.nanmedian(t) - 1) < 0.01
+
+
+def test_bad_calibration_inputs(tmp_path):
+    with pytest.raises(InputError, match="all fluxes"):
+        estimate_scales(np.full((3, 4), np.nan))
+    with pytest.raises(InputError, match="unknown statistic"):
+        estimate_scales(np.ones((3, 4)), stat="mode")
+    write_run(tmp_path, nexp=2, ncols=3, nrows=3)
+    with pytest.raises(InputError, match="fewer than min_dithers=3"):
+        spotflat.build_calibration(spotflat.read_grids(tmp_path), min_dithers=3)
+    with pytest.raises(InputError, match="not a spotflat calibration"):
+        read_calibration(next(tmp_path.glob("*.cat")))
