@@ -126,3 +126,30 @@ def test_mixed_detectors_need_choice(tmp_path):
         spotflat.read_grids(tmp_path)
     g = spotflat.read_grids(tmp_path, detector="R10_S02")
     assert g.nexp == 4 and g.detector == "R10_S02"
+
+
+def test_fast_reader_matches_astropy(real_catalogue, tmp_path):
+    """The numpy FITS reader and the astropy path give identical values."""
+    from astropy.io import fits as afits
+
+    from spotflat.grids import _read_astropy, _read_fast
+
+    write_legacy(tmp_path / name(0, fmt="legacy"), grid_params(5, 4), np.linspace(1, 2, 20))
+    for p in (real_catalogue, tmp_path / name(0, fmt="legacy")):
+        fast = _read_fast(p, None)
+        with afits.open(p) as hdul:
+            slow = _read_astropy(p, hdul, None)
+        assert fast.grid == slow.grid and fast.meta == slow.meta
+        for q in fast.values:
+            np.testing.assert_array_equal(fast.values[q], slow.values[q])
+
+
+def test_gzip_file_falls_back(tmp_path):
+    import gzip
+
+    p = tmp_path / name(0)
+    write_dm(p, grid_params(3, 3), np.arange(1.0, 10.0))
+    gz = tmp_path / (p.name + ".gz")
+    gz.write_bytes(gzip.compress(p.read_bytes()))
+    np.testing.assert_array_equal(read_grid_file(gz).values["flux"], read_grid_file(p).values["flux"])
+    assert parse_filename(gz)["detector"] == "R22_S11"

@@ -122,33 +122,53 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     if not finite.any():
         raise InputError("all fluxes are NaN or non-positive", expected="some measured spots")
     used = finite.copy()
+    f0 = np.where(finite, f, 0.0)
     s = np.ones(f.shape[1])
-    F = _centre(np.where(used, f, np.nan), 1, stat)
+    F = np.full(f.shape[0], np.nan)
+    w = used.astype(np.float64)
+    fw = f0.copy()
     converged = False
     it = 0
     for it in range(1, maxiter + 1):
-        fu = np.where(used, f, np.nan)
-        F_new = _centre(fu / s[None, :], 1, stat)
-        s_new = _centre(fu / F_new[:, None], 0, stat)
+        if stat == "median":
+            fu = np.where(used, f, np.nan)
+            F_new = _centre(fu / s[None, :], 1, stat)
+            s_new = _centre(fu / F_new[:, None], 0, stat)
+        else:  # masked sums as matrix-vector products: far faster than nanmean
+            with np.errstate(invalid="ignore", divide="ignore"):
+                F_new = (fw @ (1.0 / s)) / w.sum(axis=1)
+                known = np.isfinite(F_new)
+                invF = np.where(known, 1.0 / F_new, 0.0)
+                s_new = (invF @ fw) / (known.astype(np.float64) @ w)
         norm = np.nanmedian(s_new)
         s_new, F_new = s_new / norm, F_new * norm
         if stat == "clipped":
-            resid = f / (F_new[:, None] * s_new[None, :]) - 1.0
+            with np.errstate(invalid="ignore", divide="ignore"):
+                resid = f0 * (1.0 / F_new)[:, None]
+                resid *= (1.0 / s_new)[None, :]
+                resid -= 1.0
             if it == 1:  # robust first pass, so gross outliers cannot inflate the scale
                 scale = _robust_sigma(np.where(used, resid, np.nan), axis=1)
             else:  # then the plain std of what is kept, as in classic sigma clipping
-                with _quiet():
-                    scale = np.nanstd(np.where(used, resid, np.nan), axis=1, ddof=1, keepdims=True)
+                n = w.sum(axis=1, keepdims=True)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    r0 = resid * w
+                    mean = r0.sum(axis=1, keepdims=True) / n
+                    scale = np.sqrt(np.maximum((r0 * resid).sum(axis=1, keepdims=True) / n - mean ** 2, 0.0)
+                                    * n / (n - 1))
             with np.errstate(invalid="ignore"):
                 new_used = finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12))
         else:
             new_used = used
-        with np.errstate(invalid="ignore"), _quiet():
+        with np.errstate(invalid="ignore", divide="ignore"), _quiet():
             dF = np.nanmax(np.abs(F_new / F - 1.0)) if np.isfinite(F).any() else np.inf
             ds = np.nanmax(np.abs(s_new / s - 1.0))
         F, s = F_new, s_new
         changed = not np.array_equal(new_used, used)
-        used = new_used
+        if changed:
+            used = new_used
+            w = used.astype(np.float64)
+            fw = f0 * w
         if not changed and max(dF, ds) < tol and it > 1:
             converged = True
             break
@@ -309,13 +329,17 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     ncols, nrows = grids.grid_shape
     k = np.arange(grids.nspot)
 
+    nused = used.sum(axis=1)
+
     def mean_used(a: np.ndarray) -> np.ndarray:
-        with _quiet():
-            return np.nanmean(np.where(used, a, np.nan), axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(used, a, 0.0).sum(axis=1) / nused
 
     def std_used(a: np.ndarray) -> np.ndarray:
-        with _quiet():
-            return np.nanstd(np.where(used, a, np.nan), axis=1)
+        a0 = np.where(used, a, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = a0.sum(axis=1) / nused
+            return np.sqrt(np.maximum((a0 * a0).sum(axis=1) / nused - m * m, 0.0))
 
     spots = Table()
     spots["spotgrid_index"] = k

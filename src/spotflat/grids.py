@@ -38,6 +38,7 @@ from astropy.table import Table
 from astropy.utils.exceptions import AstropyUserWarning
 
 from .errors import InputError
+from .fitstable import FitsFile, Unsupported
 
 __all__ = [
     "SpotGrids",
@@ -247,17 +248,27 @@ def _grid_from_header(header, path, prefix: str = "") -> dict | None:
     return grid
 
 
-def _column(data, name: str, path) -> np.ndarray:
+@dataclass
+class _Source:
+    """What the format readers need from an open file, however it was opened."""
+
+    names: list
+    headers: list  # primary header, table header
+    grid_info: object  # GRID_INFO header or None
+    get: object  # callable: column name -> array
+    nrows: int
+
+
+def _column(src: _Source, name: str, path) -> np.ndarray:
     """A table column as float64, or a clear error naming what is there."""
     if "+" in name:  # a sum of columns, e.g. FLUX+DFLUX
-        parts = [p.strip() for p in name.split("+")]
-        return sum(_column(data, p, path) for p in parts)
-    names = data.columns.names if hasattr(data, "columns") else data.dtype.names
-    if name not in names:
+        return sum(_column(src, p.strip(), path) for p in name.split("+"))
+    if name not in src.names:
+        fluxes = [n for n in src.names if "flux" in n.lower() and not n.lower().endswith(("err", "flag"))]
         raise InputError(f"table has no column {name!r}", path=path,
-                         expected="one of " + ", ".join(n for n in names if "lux" in n.lower() or n in ("FLUX", "DFLUX"))
-                         if any("lux" in n.lower() for n in names) else None)
-    return np.asarray(data[name], dtype=np.float64)
+                         expected=("one of " + ", ".join(fluxes[:6]) + (", ..." if len(fluxes) > 6 else ""))
+                         if fluxes else None)
+    return np.asarray(src.get(name), dtype=np.float64)
 
 
 def _header_meta(path: Path, headers: Sequence) -> dict:
@@ -278,13 +289,12 @@ def _header_meta(path: Path, headers: Sequence) -> dict:
     return meta
 
 
-def _read_dm(path: Path, hdul, flux_column: str | None) -> GridFile:
-    table_hdu = hdul[1]
-    data = table_hdu.data
+def _read_dm(path: Path, src: _Source, flux_column: str | None) -> GridFile:
+    data = src
     grid = None
-    if "GRID_INFO" in hdul:
-        grid = _grid_from_header(hdul["GRID_INFO"].header, path)
-    for hdr in (table_hdu.header, hdul[0].header):
+    if src.grid_info is not None:
+        grid = _grid_from_header(src.grid_info, path)
+    for hdr in reversed(src.headers):
         if grid is None:
             grid = _grid_from_header(hdr, path, prefix="GRID_")
     if grid is None:
@@ -303,40 +313,41 @@ def _read_dm(path: Path, hdul, flux_column: str | None) -> GridFile:
         raise InputError(f"duplicate spot indices ({', '.join(map(str, dup[:5]))}"
                          f"{', ...' if len(dup) > 5 else ''})", path=path, expected="each grid point matched once")
 
-    def put(col: np.ndarray) -> np.ndarray:
-        out = np.full(nspot, np.nan)
-        out[idx] = col[ok]
-        return out
-
-    names = data.columns.names
-    x = put(_column(data, "base_SdssCentroid_x", path))
-    y = put(_column(data, "base_SdssCentroid_y", path))
+    names = src.names
+    nan = np.full(src.nrows, np.nan)
+    x = _column(data, "base_SdssCentroid_x", path)
+    y = _column(data, "base_SdssCentroid_y", path)
     if "spotgrid_x" in names and "spotgrid_y" in names:
-        gx, gy = put(_column(data, "spotgrid_x", path)), put(_column(data, "spotgrid_y", path))
+        dx, dy = x - _column(data, "spotgrid_x", path), y - _column(data, "spotgrid_y", path)
     else:
         gx, gy = grid_positions(*(grid[k] for k in GRID_KEYS))
+        dx, dy = x - np.where(ok, gx[np.where(ok, index, 0).astype(np.int64)], np.nan), None
+        dy = y - np.where(ok, gy[np.where(ok, index, 0).astype(np.int64)], np.nan)
     err_name = flux_column + "Err"
-    values = {
-        "flux": put(_column(data, flux_column, path)),
-        "flux_err": put(_column(data, err_name, path)) if err_name in names else np.full(nspot, np.nan),
-        "x": x, "y": y, "dx": x - gx, "dy": y - gy,
-        "xx": put(_column(data, "base_SdssShape_xx", path)),
-        "yy": put(_column(data, "base_SdssShape_yy", path)),
-        "xy": put(_column(data, "base_SdssShape_xy", path)) if "base_SdssShape_xy" in names
-        else np.full(nspot, np.nan),
+    rows = {
+        "flux": _column(data, flux_column, path),
+        "flux_err": _column(data, err_name, path) if err_name in names else nan,
+        "x": x, "y": y, "dx": dx, "dy": dy,
+        "xx": _column(data, "base_SdssShape_xx", path),
+        "yy": _column(data, "base_SdssShape_yy", path),
+        "xy": _column(data, "base_SdssShape_xy", path) if "base_SdssShape_xy" in names else nan,
     }
-    meta = _header_meta(path, [hdul[0].header, table_hdu.header])
+    # one scatter of all quantities into a (quantity, spot) block
+    block = np.full((len(QUANTITIES), nspot), np.nan)
+    block[:, idx] = np.stack([rows[q] for q in QUANTITIES])[:, ok]
+    values = dict(zip(QUANTITIES, block))
+    meta = _header_meta(path, src.headers)
     return GridFile(path, "dm", grid, values, meta, flux_column)
 
 
-def _read_legacy(path: Path, hdul, flux_column: str | None) -> GridFile:
-    grid = _grid_from_header(hdul[0].header, path)
+def _read_legacy(path: Path, src: _Source, flux_column: str | None) -> GridFile:
+    grid = _grid_from_header(src.headers[0], path)
     if grid is None:
         raise InputError("no grid parameters in the primary header", path=path,
                          expected="X0 Y0 XSTEP YSTEP THETA NCOLS NROWS")
     nspot = grid["NCOLS"] * grid["NROWS"]
-    data = hdul[1].data
-    nrow = 0 if data is None else len(data)
+    data = src
+    nrow = src.nrows
     if nrow != nspot:
         raise InputError(f"table has {nrow} rows for a {grid['NCOLS']} x {grid['NROWS']} grid",
                          path=path, expected=f"{nspot} rows, one per grid point")
@@ -355,7 +366,7 @@ def _read_legacy(path: Path, hdul, flux_column: str | None) -> GridFile:
     missing = ~np.isfinite(flux)
     for v in values.values():
         v[missing] = np.nan
-    meta = _header_meta(path, [hdul[0].header, hdul[1].header])
+    meta = _header_meta(path, src.headers)
     return GridFile(path, "legacy", grid, values, meta, flux_column)
 
 
@@ -382,11 +393,15 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
     """
     path = Path(path)
     try:
+        return _read_fast(path, flux_column)
+    except Unsupported:
+        pass  # compressed, unusual or damaged: astropy reads it or says what is wrong
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyUserWarning)
             warnings.filterwarnings("error", message=".*truncated.*", category=AstropyUserWarning)
             with fits.open(path, memmap=False) as hdul:
-                return _read_open(path, hdul, flux_column)
+                return _read_astropy(path, hdul, flux_column)
     except InputError:
         raise
     except AstropyUserWarning as exc:
@@ -395,18 +410,49 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
         raise InputError(f"cannot read FITS file ({exc})", path=path) from None
 
 
-def _read_open(path: Path, hdul, flux_column: str | None) -> GridFile:
+def _dispatch(path: Path, src: _Source, flux_column: str | None) -> GridFile:
+    if "spotgrid_index" in src.names:
+        return _read_dm(path, src, flux_column)
+    if "DFLUX" in src.names or ("X" in src.names and "DX" in src.names):
+        return _read_legacy(path, src, flux_column)
+    raise InputError("neither a DM grid catalogue nor a legacy processed grid", path=path,
+                     expected="a 'spotgrid_index' column or X/DX/FLUX/DFLUX columns")
+
+
+_WANTED = ("spotgrid_index", "spotgrid_x", "spotgrid_y", "base_SdssCentroid_x", "base_SdssCentroid_y",
+           "base_SdssShape_xx", "base_SdssShape_yy", "base_SdssShape_xy",
+           "X", "Y", "DX", "DY", "XX", "YY", "DXX", "DYY", "FLUX", "DFLUX")
+
+
+def _read_fast(path: Path, flux_column: str | None) -> GridFile:
+    ff = FitsFile(path)
+    if len(ff.headers) < 2 or str(ff.headers[1].get("XTENSION", "")).strip() != "BINTABLE":
+        raise Unsupported("no binary table in HDU 1")
+    names = ff.colnames(1)
+    wanted = set(_WANTED)
+    if flux_column:
+        wanted |= {p.strip() for p in flux_column.split("+")}
+        wanted.add(flux_column + "Err")
+    else:
+        wanted |= {DM_DEFAULT_FLUX, DM_DEFAULT_FLUX + "Err"}
+    cols = ff.columns(1, [n for n in names if n in wanted])
+    gi = ff.index("GRID_INFO")
+    src = _Source(names=names, headers=[ff.headers[0], ff.headers[1]],
+                  grid_info=None if gi is None else ff.headers[gi], get=cols.__getitem__,
+                  nrows=int(ff.headers[1]["NAXIS2"]))
+    return _dispatch(path, src, flux_column)
+
+
+def _read_astropy(path: Path, hdul, flux_column: str | None) -> GridFile:
     hdul.verify("silentfix")
     if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
         raise InputError("no binary table in HDU 1", path=path,
                          expected="a processed-grid table (DM or legacy)")
-    names = hdul[1].columns.names
-    if "spotgrid_index" in names:
-        return _read_dm(path, hdul, flux_column)
-    if "DFLUX" in names or ("X" in names and "DX" in names):
-        return _read_legacy(path, hdul, flux_column)
-    raise InputError("neither a DM grid catalogue nor a legacy processed grid", path=path,
-                     expected="a 'spotgrid_index' column or X/DX/FLUX/DFLUX columns")
+    data = hdul[1].data
+    src = _Source(names=list(hdul[1].columns.names), headers=[hdul[0].header, hdul[1].header],
+                  grid_info=hdul["GRID_INFO"].header if "GRID_INFO" in hdul else None,
+                  get=lambda n: data[n], nrows=0 if data is None else len(data))
+    return _dispatch(path, src, flux_column)
 
 
 @dataclass
@@ -537,27 +583,49 @@ def group_by_detector(paths: Iterable[str | os.PathLike]) -> dict[str, list[Path
     return dict(sorted(groups.items()))
 
 
-def stack_grid_files(files: Sequence[GridFile], detector: str | None = None) -> SpotGrids:
-    """Stack already-read :class:`GridFile` objects into a :class:`SpotGrids`.
+def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
+                     count: int | None = None) -> SpotGrids:
+    """Stack :class:`GridFile` objects into a :class:`SpotGrids`, streaming.
 
+    Each file's values are copied into the stacked arrays as it arrives, so
+    a generator of files never holds more than one file's arrays at a time.
     Exposures are ordered by observation date, sequence number and file name.
     All files must share the grid size and (if known) the detector.
+
+    Parameters
+    ----------
+    files : iterable of GridFile
+    detector : str, optional
+        The detector the files must belong to.
+    count : int, optional
+        Number of files, when ``files`` is a generator (avoids a list).
 
     Raises
     ------
     InputError
-        On a grid-size mismatch, mixed detectors or mixed flux columns.
+        On no files, a grid-size mismatch or mixed detectors.
     """
-    if not files:
+    if count is None:
+        files = list(files)
+        count = len(files)
+    if count == 0:
         raise InputError("no processed-grid files to stack")
-    files = sorted(files, key=lambda f: (f.meta.get("obs_date", ""), f.meta.get("seqnum", -1), f.path.name))
-    ref = files[0]
-    for f in files[1:]:
-        if (f.grid["NCOLS"], f.grid["NROWS"]) != (ref.grid["NCOLS"], ref.grid["NROWS"]):
+    big = None
+    rows, ref = [], None
+    for j, f in enumerate(files):
+        if ref is None:
+            ref = f
+            # (quantity, exposure, spot) in C order, so each quantity's [spot, exposure]
+            # array is a Fortran-ordered view: filled by contiguous copies, no transpose
+            big = np.empty((len(QUANTITIES), count, f.nspot))
+        elif (f.grid["NCOLS"], f.grid["NROWS"]) != (ref.grid["NCOLS"], ref.grid["NROWS"]):
             raise InputError(f"grid size {f.grid['NCOLS']} x {f.grid['NROWS']} differs from "
                              f"{ref.grid['NCOLS']} x {ref.grid['NROWS']} in {ref.path.name}", path=f.path,
                              expected="all files of one run on the same grid")
-    dets = sorted({f.meta.get("detector", "") for f in files} - {""})
+        for iq, q in enumerate(QUANTITIES):
+            big[iq, j] = f.values[q]
+        rows.append(_exposure_row(f))
+    dets = sorted({r["detector"] for r in rows} - {""})
     if detector:
         if dets and dets != [detector]:
             raise InputError(f"files are from {', '.join(dets)}, not {detector}")
@@ -565,8 +633,11 @@ def stack_grid_files(files: Sequence[GridFile], detector: str | None = None) -> 
     if len(dets) > 1:
         raise InputError(f"files from {len(dets)} detectors ({', '.join(dets)}); "
                          "choose one with detector=... (or --detector)")
-    values = {q: np.stack([f.values[q] for f in files], axis=1) for q in QUANTITIES}
-    rows = [_exposure_row(f) for f in files]
+    order = sorted(range(len(rows)), key=lambda j: (rows[j]["obs_date"], rows[j]["seqnum"], rows[j]["filename"]))
+    if order != list(range(len(rows))):
+        big = big[:, order, :]
+        rows = [rows[j] for j in order]
+    values = {q: big[iq].T for iq, q in enumerate(QUANTITIES)}
     exposures = Table({name: np.array([r[name] for r in rows], dtype=dtype)
                        for name, dtype in _EXPOSURE_COLUMNS})
     for name, unit in _EXPOSURE_UNITS.items():
@@ -614,9 +685,9 @@ def read_grids(path_or_paths, flux_column: str | None = None, detector: str | No
     if progress:
         import click
 
-        with click.progressbar(paths, label="Reading grid files", file=None,
-                               show_pos=True) as bar:
-            files = [read_grid_file(p, flux_column) for p in bar]
-    else:
-        files = [read_grid_file(p, flux_column) for p in paths]
-    return stack_grid_files(files, detector=detector)
+        with click.progressbar(paths, label="Reading grid files", show_pos=True,
+                               file=click.get_text_stream("stderr")) as bar:
+            return stack_grid_files((read_grid_file(p, flux_column) for p in bar),
+                                    detector=detector, count=len(paths))
+    return stack_grid_files((read_grid_file(p, flux_column) for p in paths),
+                            detector=detector, count=len(paths))

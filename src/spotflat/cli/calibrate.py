@@ -74,8 +74,8 @@ def calibrate(spotdata_dir: Path, output: Path, flux_column: str | None, stat: s
     for det, det_paths in groups.items():
         label = f"Reading {det or 'grid files'}"
         with progress(det_paths, label, quiet) as bar:
-            files = [read_grid_file(p, flux_column) for p in bar]
-        grids = stack_grid_files(files, detector=det or None)
+            grids = stack_grid_files((read_grid_file(p, flux_column) for p in bar),
+                                     detector=det or None, count=len(det_paths))
         cal = build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma)
         results.append((det, grids, cal))
     for det, grids, cal in results:

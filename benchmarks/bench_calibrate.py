@@ -1,0 +1,176 @@
+"""Benchmark ``spotflat calibrate`` against the I/O floor and the common astropy approach.
+
+Writes N DM-format grid catalogues (2401 rows each, the columns spotflat reads
+plus a few others) and times, in one run:
+
+(a) ``spotflat calibrate`` on them (in-process, same code path as the CLI),
+(b) the I/O floor: reading only the needed columns of the same files with the
+    fastest FITS reader available (``fitsio`` if installed, else astropy),
+(c) the common astropy approach: ``vstack`` all tables,
+    ``group_by('spotgrid_index')``, ``aggregate(np.nanmedian)``.
+
+Targets: (a)/(b) <= 2 and (c)/(a) >= 10; peak memory below 1 GiB for N=1400.
+
+Usage::
+
+    python benchmarks/bench_calibrate.py --n 1400
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+COLUMNS = ["spotgrid_index", "base_SdssCentroid_x", "base_SdssCentroid_y", "base_SdssShape_xx",
+           "base_SdssShape_yy", "base_SdssShape_xy", "base_SdssShape_instFlux",
+           "base_SdssShape_instFluxErr", "spotgrid_x", "spotgrid_y"]
+
+
+def write_files(directory: Path, n: int, seed: int = 0) -> list[Path]:
+    from spotflat.grids import grid_positions
+
+    rng = np.random.default_rng(seed)
+    nspot = 2401
+    gx, gy = grid_positions(2036.0, 2000.0, 65.3, 65.3, 0.01, 49, 49)
+    F = rng.uniform(8e4, 1.2e5, nspot)
+    paths = []
+    extra = ["base_PsfFlux_instFlux", "base_GaussianFlux_instFlux", "base_CircularApertureFlux_12_0_instFlux",
+             "ext_shapeHSM_HsmSourceMoments_xx", "ext_shapeHSM_HsmSourceMoments_yy"]
+    for j in range(n):
+        idx = rng.permutation(nspot).astype(float)
+        idx[rng.random(nspot) < 0.02] = np.nan
+        k = np.nan_to_num(idx, nan=0).astype(int)
+        cols = {
+            "id": np.arange(nspot, dtype=np.int64),
+            "base_SdssCentroid_x": gx[k] + rng.normal(0, 0.3, nspot),
+            "base_SdssCentroid_y": gy[k] + rng.normal(0, 0.3, nspot),
+            "base_SdssShape_xx": rng.normal(5, 0.1, nspot), "base_SdssShape_yy": rng.normal(5, 0.1, nspot),
+            "base_SdssShape_xy": rng.normal(0, 0.1, nspot),
+            "base_SdssShape_instFlux": F[k] * rng.normal(1, 0.01, nspot) * (1 + 0.05 * np.sin(j)),
+            "base_SdssShape_instFluxErr": np.sqrt(F[k]),
+            "spotgrid_index": idx, "spotgrid_x": gx[k], "spotgrid_y": gy[k],
+        }
+        for e in extra:
+            cols[e] = rng.normal(1, 0.1, nspot)
+        hdu = fits.BinTableHDU.from_columns(
+            [fits.Column(name=c, array=v, format="K" if v.dtype.kind == "i" else "D") for c, v in cols.items()])
+        info = fits.BinTableHDU(name="GRID_INFO")
+        for key, val in zip(("X0", "Y0", "XSTEP", "YSTEP", "THETA", "NCOLS", "NROWS"),
+                            (2036.0, 2000.0, 65.3, 65.3, 0.01, 49, 49)):
+            info.header[key] = val
+        p = directory / f"MC_C_20200110_{j:06d}_R22_S11_20.0s_{-10 + 0.01 * j:.1f}x_{5.0:.1f}y_gridfit.cat"
+        fits.HDUList([fits.PrimaryHDU(), hdu, info]).writeto(p)
+        paths.append(p)
+    return paths
+
+
+def io_floor(paths: list[Path]) -> str:
+    try:
+        import fitsio
+    except ImportError:
+        fitsio = None
+    if fitsio is not None:
+        for p in paths:
+            fitsio.read(str(p), ext=1, columns=COLUMNS)
+            fitsio.read_header(str(p), ext=2)
+        return "fitsio"
+    for p in paths:
+        with fits.open(p, memmap=True) as h:
+            [np.array(h[1].data[c]) for c in COLUMNS]
+            dict(h[2].header)
+    return "astropy (memmap)"
+
+
+def astropy_common(paths: list[Path]):
+    from astropy.table import Table, vstack
+
+    tables = []
+    for j, p in enumerate(paths):
+        t = Table.read(p, hdu=1)
+        t = t[["spotgrid_index", "base_SdssShape_instFlux", "base_SdssCentroid_x", "base_SdssCentroid_y"]]
+        t = t[np.isfinite(t["spotgrid_index"])]
+        t["exposure"] = j
+        tables.append(t)
+    big = vstack(tables)
+    grouped = big.group_by("spotgrid_index")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return grouped.groups.aggregate(np.nanmedian)
+
+
+def spotflat_calibrate(directory: Path, out: Path):
+    from click.testing import CliRunner
+
+    from spotflat.cli import main
+
+    res = CliRunner().invoke(main, ["calibrate", str(directory), "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+def _child(mode: str, directory: str) -> None:
+    """Run one stage in a fresh process so its peak memory is its own."""
+    d = Path(directory)
+    paths = sorted(d.glob("*.cat"))
+    if mode == "a":
+        dt, _ = _timed(spotflat_calibrate, d, d.parent / "calib.fits")
+        info = ""
+    elif mode == "b":
+        dt, info = _timed(io_floor, paths)
+    else:
+        dt, _ = _timed(astropy_common, paths)
+        info = ""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{dt:.4f} {rss:.1f} {info}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1400, help="number of catalogues (default 1400)")
+    ap.add_argument("--skip-common", action="store_true", help="skip (c), the slow astropy approach")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(*args.child)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "spotdata"
+        d.mkdir()
+        t0 = time.perf_counter()
+        write_files(d, args.n)
+        print(f"wrote {args.n} catalogues of 2401 rows in {time.perf_counter() - t0:.1f} s")
+        res = {}
+        for mode in ("b", "a") + (() if args.skip_common else ("c",)):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(d)], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            res[mode] = (float(out[0]), float(out[1]), " ".join(out[2:]))
+    a, b = res["a"][0], res["b"][0]
+    print(f"(a) spotflat calibrate      : {a:8.2f} s   peak RSS {res['a'][1]:7.0f} MiB")
+    print(f"(b) I/O floor [{res['b'][2]}]: {b:8.2f} s   peak RSS {res['b'][1]:7.0f} MiB")
+    if "c" in res:
+        c = res["c"][0]
+        print(f"(c) astropy vstack+group_by : {c:8.2f} s   peak RSS {res['c'][1]:7.0f} MiB")
+    print(f"ratio (a)/(b) = {a / b:.2f}   (target <= 2)")
+    if "c" in res:
+        print(f"ratio (c)/(a) = {res['c'][0] / a:.1f}   (target >= 10)")
+    print(f"peak memory of (a): {res['a'][1]:.0f} MiB (target < 1024 MiB)")
+
+
+if __name__ == "__main__":
+    main()
