@@ -36,17 +36,22 @@ _EXPORTS = {
     "assemble_raw": "geometry",
     "Camera": "geometry",
     "get_camera": "geometry",
+    "make_raw_hdulist": "geometry",
+    "fit_projector_map": "projector",
     # flats
     "read_flat": "flats",
     "sample_flat": "flats",
     "flat_gradient": "flats",
     "combine_flats": "flats",
+    "load_flat": "flats",
     # compare
     "relative_throughput": "compare",
     "compare_spots_flat": "compare",
     # stats
     "pearson_r": "stats",
     "correlation_analysis": "stats",
+    "CorrelationResult": "stats",
+    "variance_decomposition": "stats",
     # simulate
     "simulate_run": "simulate",
 }
