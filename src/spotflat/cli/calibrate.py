@@ -115,6 +115,4 @@ def _projector_rows(grids) -> list[tuple[str, str]]:
     lines = fit.summary_lines()
     rows = [("projector map", lines[0] if lines else "")]
     rows += [("", line) for line in lines[1:]]
-    for w in getattr(fit, "warnings", []):
-        click.echo(f"Warning: {w}", err=True)
     return rows
