@@ -93,9 +93,13 @@ def write_run(directory, fmt="dm", nexp=12, seed=0, det="R22_S11", ncols=15, nro
     directory.mkdir(parents=True, exist_ok=True)
     grid = grid_params(ncols, nrows)
     F, s, f, _ = truth(ncols * nrows, nexp, seed=seed, **kw)
+    err = kw.get("noise", 0.005) * F[:, None] * s[None, :]  # the true 1-sigma noise
     paths = []
     for j in range(nexp):
         p = directory / name(j, det=det, x=-10.0 + 0.1 * j, y=5.0 - 0.1 * j, fmt=fmt)
-        (write_dm if fmt == "dm" else write_legacy)(p, grid, f[:, j], seed=seed + j)
+        if fmt == "dm":
+            write_dm(p, grid, f[:, j], flux_err=err[:, j], seed=seed + j)
+        else:
+            write_legacy(p, grid, f[:, j], seed=seed + j)
         paths.append(p)
     return paths, F, s, f

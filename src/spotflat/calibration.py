@@ -374,7 +374,24 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         nused = np.isfinite(r).sum(axis=0)
         s_std = np.nanstd(r, axis=0, ddof=1)
         exposures["scale"] = s
-        exposures["scale_err"] = eff * s_std / np.sqrt(nused)
+        # s[j] is an average over spots of f/F: the fixed response pattern the
+        # spots sample is common to all exposures and cancels, so only the
+        # measurement noise moves s. Use the measured flux errors when the
+        # files give them; otherwise the scatter over spots (conservative).
+        rel = grids.flux_err / f
+        m = used & valid[:, None] & np.isfinite(rel)
+        measured = m.sum() >= 0.9 * (used & valid[:, None]).sum() and m.any()
+        if measured:
+            n_m = m.sum(axis=0)
+            exposures["scale_err"] = eff * s * np.sqrt(np.where(m, rel ** 2, 0.0).sum(axis=0)) / n_m
+            n_k = m.sum(axis=1)
+            spots["flux_err_stat"] = np.where(valid, eff * F * np.sqrt(np.where(m, rel ** 2, 0.0).sum(axis=1))
+                                              / n_k, np.nan)
+        else:
+            exposures["scale_err"] = eff * s_std / np.sqrt(nused)
+            spots["flux_err_stat"] = np.full(len(F), np.nan)
+        spots["flux_err_stat"].unit = "ct"
+        spots["flux_err_stat"].description = "error of F[k] from the measured flux errors only"
         exposures["nused"] = nused.astype(np.int64)
         exposures["t_std"] = np.nanstd(np.where(used & valid[:, None], t, np.nan), axis=0)
     exposures["scale"].description = "s[j], exposure scale, median(s) = 1"
@@ -393,6 +410,7 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         "NITER": int(niter),
         "CONVERGD": bool(converged),
         "INPUTDIR": common,
+        "SERRMETH": "measured" if measured else "scatter",
     }
     return Calibration(spots=spots, exposures=exposures, meta=meta)
 
