@@ -46,11 +46,14 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
     files = write_outputs(res, outdir)
 
     # recovered vs injected: the residual should be the injected mismatch
+    from ..compare import normalise_like_t
+
     comp = res.comparison
-    injected = sim.mismatch - 1.0
-    ok = comp.valid & np.isfinite(injected)
+    ok = comp.valid & np.isfinite(sim.mismatch)
+    # normalised per spot and exposure exactly like d, so the two are comparable
+    injected = normalise_like_t(sim.mismatch, ok) - 1.0
     d = comp.d[ok]
-    inj = injected[ok] - np.mean(injected[ok])
+    inj = injected[ok]
     r_rec = float(np.corrcoef(d, inj)[0, 1]) if ok.sum() > 2 else float("nan")
     fig, axes = plots.new_axes(figsize=(11, 4.6))
     fig.clear()

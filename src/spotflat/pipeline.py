@@ -1,0 +1,369 @@
+"""One ``run`` per stage: the correlate stage as a function over files.
+
+:func:`run_correlate` is what ``spotflat correlate`` does for one detector:
+read the calibration catalogue, the spot data and the flat, compare them,
+correlate each requested quantity with honest errors, and write the results
+table, the per-point residuals, summaries and figures. Notebooks can call the
+pieces (:func:`correlate_quantities`, :func:`write_figures`) directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from .calibration import Calibration, read_calibration
+from .compare import Comparison, binned_map, compare_spots_flat, summarize_by_amp, summarize_by_distance
+from .errors import InputError
+from .fileio import atomic_path, provenance_cards
+from .grids import SpotGrids, read_grids
+
+__all__ = [
+    "QUANTITY_PAIRS",
+    "CorrelateResult",
+    "load_spot_data",
+    "quantity_pair",
+    "correlate_quantities",
+    "run_correlate",
+    "write_outputs",
+    "write_figures",
+]
+
+#: quantity -> what it is correlated against (DESIGN.md section 2, issue 5 item 3)
+QUANTITY_PAIRS = {
+    "flux": "q",
+    "dx": "dqdx",
+    "dy": "dqdy",
+    "size": "q",
+    "xx": "q",
+    "yy": "q",
+    "xy": "q",
+}
+
+
+def load_spot_data(calib: Calibration, spotdata: str | os.PathLike | None = None,
+                   progress: bool = False) -> SpotGrids:
+    """The spot data a catalogue was built from.
+
+    Parameters
+    ----------
+    calib : Calibration
+    spotdata : path-like, optional
+        Folder of processed-grid files. When omitted, the exact files listed
+        in the catalogue's ``EXPOSURES.path`` column are read.
+    progress : bool
+        Progress bar over files.
+
+    Returns
+    -------
+    SpotGrids
+        Restricted to (and ordered like) the catalogue's exposures.
+    """
+    det = calib.detector or None
+    flux_column = calib.meta.get("FLUXCOL") or None
+    if spotdata is None:
+        paths = [Path(p) for p in calib.exposures["path"]]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise InputError("input file recorded in the calibration catalogue is missing", path=missing[0],
+                             expected="the spot data at the recorded path, or give SPOTDATA_DIR")
+    else:
+        from .grids import find_grid_files, group_by_detector
+
+        found = find_grid_files(spotdata)
+        groups = group_by_detector(found)
+        candidates = groups.get(det, []) + groups.get("", []) if det else found
+        wanted = {str(n) for n in calib.exposures["filename"]}
+        paths = [p for p in candidates if p.name in wanted]
+        missing = sorted(wanted - {p.name for p in paths})
+        if missing:
+            raise InputError(f"{len(missing)} exposure(s) of the catalogue are not in the spot data "
+                             f"(e.g. {missing[0]})", path=spotdata)
+    return read_grids(paths, flux_column=flux_column, detector=det, progress=progress)
+
+
+def _centre_per_spot(v: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Deviation of each point from its spot's mean over the valid points."""
+    v0 = np.where(valid, v, 0.0)
+    n = valid.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid, v - v0.sum(axis=1, keepdims=True) / n, np.nan)
+
+
+def quantity_pair(comp: Comparison, quantity: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The two ``[spot, exposure]`` arrays correlated for ``quantity``.
+
+    ``flux`` is ``t`` against ``q``. Centroid shifts ``dx``, ``dy`` are
+    compared with the flat's gradient along the same axis; shapes ``xx``,
+    ``yy``, ``xy`` and ``size = xx + yy`` with ``q``. Every quantity other
+    than ``t`` is taken relative to its own spot's mean (a spot's mean shift
+    or size is a property of the projector, not of the pixels).
+
+    Returns
+    -------
+    a, b : numpy.ndarray
+    against : str
+        Name of ``b``.
+    """
+    if quantity not in QUANTITY_PAIRS:
+        raise InputError(f"unknown quantity {quantity!r}", expected=", ".join(QUANTITY_PAIRS))
+    against = QUANTITY_PAIRS[quantity]
+    valid = comp.valid
+    if against == "q":
+        b = comp.q
+    else:
+        if comp.dqdx is None:
+            raise InputError(f"quantity {quantity!r} needs the flat gradient (gradient=True)")
+        b = _centre_per_spot(comp.dqdx if against == "dqdx" else comp.dqdy, valid)
+    if quantity == "flux":
+        a = comp.t
+    else:
+        raw = comp.grids.quantity(quantity)
+        ok = valid & np.isfinite(raw)
+        if ok.sum() < 3:
+            raise InputError(f"quantity {quantity!r} is not measured in the spot data")
+        a = _centre_per_spot(raw, ok)
+        if quantity in ("size", "xx", "yy"):  # relative size change
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.nanmean(np.where(ok, raw, np.nan), axis=1, keepdims=True)
+                a = a / mean
+    return a, b, against
+
+
+@dataclass
+class CorrelateResult:
+    """Everything the correlate stage produces for one detector.
+
+    Attributes
+    ----------
+    results : astropy.table.Table
+        One row per quantity: ``quantity``, ``against``, ``r`` and its
+        errors (``r_err_bootstrap``, ``r_err_jackknife``, ``r_err_block``),
+        intervals, ``r_null_mean``, ``r_null_std``, ``p_value``, ``slope``,
+        ``slope_err``, ``nspot``, ``npoint``.
+    comparison : Comparison
+    stats : dict
+        ``quantity -> CorrelationResult``.
+    variance : dict
+        Variance decomposition of ``t`` (flat-explained vs not).
+    amp_summary, boundary_summary : astropy.table.Table
+    files : list of pathlib.Path
+        Files written (empty until :func:`write_outputs`).
+    """
+
+    results: Table
+    comparison: Comparison
+    stats: dict
+    variance: dict
+    amp_summary: Table
+    boundary_summary: Table | None
+    files: list = field(default_factory=list)
+
+
+def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 1000, nnull: int = 1000,
+                         block: str = "amp", patch_size: int = 7, seed: int = 0,
+                         method: str = "pearson") -> tuple[Table, dict]:
+    """Correlate each quantity with its flat counterpart (see :func:`quantity_pair`).
+
+    Returns
+    -------
+    results : astropy.table.Table
+        One row per quantity.
+    stats : dict
+        ``quantity -> CorrelationResult``.
+    """
+    from .stats import correlation_analysis
+
+    ncols, nrows = comp.grids.grid_shape
+    labels = None
+    if block == "amp":
+        if not comp.detector:
+            raise InputError("block='amp' needs the detector (amplifier layout)", expected="--block patch")
+        labels = comp.spot_amp_labels()
+    rows, out = [], {}
+    rng = np.random.SeedSequence(seed)
+    for quantity, child in zip(quantities, rng.spawn(len(quantities))):
+        a, b, against = quantity_pair(comp, quantity)
+        res = correlation_analysis(a, b, grid_shape=(nrows, ncols), block=block, block_labels=labels,
+                                   patch_size=patch_size, nboot=nboot, nnull=nnull,
+                                   seed=np.random.default_rng(child), method=method)
+        out[quantity] = res
+        row = {"quantity": quantity, "against": against}
+        row.update(res.as_row())
+        rows.append(row)
+    table = Table(rows=rows)
+    return table, out
+
+
+def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str | os.PathLike,
+                  spotdata: str | os.PathLike | None = None, quantities=("flux",), nboot: int = 1000,
+                  nnull: int = 1000, block: str = "amp", patch_size: int = 7, seed: int = 0,
+                  method: str = "pearson", normalize: str = "ccd", sigma="moments",
+                  radius: float | None = None, progress: bool = False) -> CorrelateResult:
+    """Compare one detector's spots with its flat and correlate them.
+
+    Parameters
+    ----------
+    calib : Calibration or path-like
+        Catalogue from ``spotflat calibrate``.
+    flat : numpy.ndarray or path-like
+        The flat (any form :func:`spotflat.read_flat` reads), or an already
+        normalised array.
+    spotdata : path-like, optional
+        Folder of the spot data; default: the files the catalogue records.
+    quantities : sequence of str
+        Keys of :data:`QUANTITY_PAIRS`.
+    nboot, nnull : int
+        Bootstrap and null resamples.
+    block : {"amp", "patch"}
+        Block jackknife units.
+    patch_size : int
+        Patch size (grid steps) for ``block="patch"``.
+    seed : int
+        Seeds all resampling (one independent stream per quantity).
+    method : {"pearson", "spearman"}
+    normalize : {"ccd", "amp"}
+        Flat normalisation when ``flat`` is a file.
+    sigma, radius
+        Spot footprint (see :func:`spotflat.compare.compare_spots_flat`).
+    progress : bool
+        Progress bars while reading.
+
+    Returns
+    -------
+    CorrelateResult
+    """
+    from .flats import read_flat
+    from .stats import variance_decomposition
+
+    if not isinstance(calib, Calibration):
+        calib = read_calibration(calib)
+    grids = load_spot_data(calib, spotdata, progress=progress)
+    if not isinstance(flat, np.ndarray):
+        flat = read_flat(flat, normalize=normalize, detector=calib.detector or None)
+    comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius,
+                              detector=calib.detector or None,
+                              gradient=any(QUANTITY_PAIRS.get(q, "q") != "q" for q in quantities))
+    results, stats = correlate_quantities(comp, quantities, nboot=nboot, nnull=nnull, block=block,
+                                          patch_size=patch_size, seed=seed, method=method)
+    variance = variance_decomposition(comp.t, comp.q)
+    amp = summarize_by_amp(comp) if comp.detector else Table()
+    boundary = summarize_by_distance(comp, "any") if comp.detector else None
+    meta = provenance_cards(DETECTOR=comp.detector, NBOOT=nboot, NNULL=nnull, BLOCK=block, SEED=seed,
+                            METHOD=method, NSPOT=comp.nspot, NPOINT=comp.npoint, **comp.meta)
+    results.meta.update(meta)
+    for col, unit in (("slope", ""), ("intercept", "")):
+        if col in results.colnames and unit:
+            results[col].unit = unit
+    return CorrelateResult(results=results, comparison=comp, stats=stats, variance=variance,
+                           amp_summary=amp, boundary_summary=boundary)
+
+
+def _write_table(table: Table, path: Path, fmt: str) -> Path:
+    with atomic_path(path) as tmp:
+        if fmt == "fits":
+            hdu = fits.table_to_hdu(table)
+            primary = fits.PrimaryHDU()
+            for k, v in table.meta.items():
+                if len(str(k)) <= 8 and isinstance(v, (str, int, float, bool)):
+                    primary.header[str(k)] = v
+            hdu.header["EXTNAME"] = path.stem.upper()
+            fits.HDUList([primary, hdu]).writeto(tmp)
+        else:
+            table.write(tmp, format="ascii.ecsv")
+    return path
+
+
+def write_outputs(res: CorrelateResult, outdir: str | os.PathLike, figures: bool = True) -> list[Path]:
+    """Write the results, residuals, summaries and figures into ``outdir``.
+
+    Files: ``results.ecsv``, ``results.fits``, ``residuals.fits``,
+    ``amp_summary.ecsv``, ``boundary_summary.ecsv``, ``variance.ecsv`` and
+    the PNG figures of :func:`write_figures`.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    meta = dict(res.results.meta)
+    files = [
+        _write_table(res.results, outdir / "results.ecsv", "ecsv"),
+        _write_table(res.results, outdir / "results.fits", "fits"),
+    ]
+    resid = res.comparison.residual_table()
+    resid.meta.update(meta)
+    files.append(_write_table(resid, outdir / "residuals.fits", "fits"))
+    if len(res.amp_summary):
+        res.amp_summary.meta.update(meta)
+        files.append(_write_table(res.amp_summary, outdir / "amp_summary.ecsv", "ecsv"))
+    if res.boundary_summary is not None:
+        res.boundary_summary.meta.update(meta)
+        files.append(_write_table(res.boundary_summary, outdir / "boundary_summary.ecsv", "ecsv"))
+    var = Table(rows=[{k: v for k, v in res.variance.items() if np.isscalar(v)}])
+    var.meta.update(meta)
+    files.append(_write_table(var, outdir / "variance.ecsv", "ecsv"))
+    if figures:
+        files += write_figures(res, outdir)
+    res.files = files
+    return files
+
+
+def write_figures(res: CorrelateResult, outdir: str | os.PathLike, bin: int = 128) -> list[Path]:
+    """PNG figures: spot flux map, t / q / residual maps, t vs q, histogram, per-amp bars.
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    from . import geometry, plots
+
+    outdir = Path(outdir)
+    comp = res.comparison
+    det = comp.detector or None
+    spots = comp.calib.spots
+    files = []
+    label = f" ({det})" if det else ""
+    fig = plots.plot_spot_map(spots["x"], spots["y"], spots["flux"], detector=det,
+                              title=f"Spot mean flux F[k]{label}", label="F [counts]")
+    files.append(plots.save_figure(fig, outdir / "spot_flux_map.png"))
+    shape = geometry.ccd_shape(det) if det else (int(np.nanmax(comp.y)) + 1, int(np.nanmax(comp.x)) + 1)
+    for name, values, title, sym in (("t_map", comp.t, "Spot relative throughput t", True),
+                                     ("q_map", comp.q, "Flat relative response q at the spots", True),
+                                     ("residual_map", comp.d, "Residual d = t/q - 1", True)):
+        m = binned_map(comp.x, comp.y, values, shape, bin=bin)
+        fig = plots.plot_ccd_map(m, bin=bin, detector=det, title=f"{title}{label}, {bin}-pixel bins",
+                                 label=name.split("_")[0], symmetric=sym, cmap="RdBu_r")
+        files.append(plots.save_figure(fig, outdir / f"{name}.png"))
+    flux = res.stats.get("flux")
+    fig = plots.plot_t_vs_q(comp.t, comp.q, slope=getattr(flux, "slope", None),
+                            slope_err=getattr(flux, "slope_err", None), r=getattr(flux, "r", None),
+                            r_err=getattr(flux, "r_err_block", None))
+    files.append(plots.save_figure(fig, outdir / "t_vs_q.png"))
+    fig = plots.plot_residual_hist(comp.d, expected_rms=_expected_rms(comp))
+    files.append(plots.save_figure(fig, outdir / "residual_hist.png"))
+    if len(res.amp_summary):
+        fig = plots.plot_amp_bars(res.amp_summary, title=f"Mean residual per amplifier{label}")
+        files.append(plots.save_figure(fig, outdir / "amp_residuals.png"))
+    if res.boundary_summary is not None and len(res.boundary_summary):
+        fig = plots.plot_distance_profile(res.boundary_summary)
+        files.append(plots.save_figure(fig, outdir / "residual_vs_boundary.png"))
+    for quantity, st in res.stats.items():
+        if quantity == "flux":
+            continue
+        a, b, against = quantity_pair(comp, quantity)
+        fig = plots.plot_t_vs_q(a, b, slope=st.slope, slope_err=st.slope_err, r=st.r, r_err=st.r_err_block,
+                                title=f"{quantity} vs {against}", xlabel=against, ylabel=quantity)
+        files.append(plots.save_figure(fig, outdir / f"{quantity}_vs_{against}.png"))
+    return files
+
+
+def _expected_rms(comp: Comparison) -> float | None:
+    """Noise expected in ``d`` from the measured flux errors, when the files give them."""
+    f, e = comp.grids.flux, comp.grids.flux_err
+    ok = comp.valid & np.isfinite(e) & (f > 0)
+    if ok.sum() < 10:
+        return None
+    return float(np.sqrt(np.mean((e[ok] / f[ok]) ** 2)))
