@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.table import Table
 
-from .calibration import Calibration, check_matches, estimate_scales
+from .calibration import Calibration, _quiet, check_matches, estimate_scales
 from .errors import InputError
 from .grids import SpotGrids
 
@@ -81,18 +81,20 @@ def normalise_like_t(values: np.ndarray, valid: np.ndarray | None = None) -> np.
 
 
 def footprint_sigma(xx: np.ndarray, yy: np.ndarray, default: float = 2.2) -> np.ndarray:
-    """Gaussian footprint width from second moments: ``sqrt((xx + yy) / 2)``.
+    """Gaussian footprint width ``sqrt((xx + yy) / 2)``, with ``default`` where unmeasured.
 
-    Non-finite or non-positive moments get ``default`` pixels.
+    Wraps :func:`spotflat.footprint.footprint_sigma` for catalogues whose
+    spots may lack moments.
 
     Examples
     --------
     >>> footprint_sigma(np.array([4.0, np.nan]), np.array([6.0, 1.0]))
     array([2.23606798, 2.2       ])
     """
-    with np.errstate(invalid="ignore"):
-        s = np.sqrt((np.asarray(xx, float) + np.asarray(yy, float)) / 2.0)
-    return np.where(np.isfinite(s) & (s > 0), s, default)
+    from .footprint import footprint_sigma as _sigma
+
+    s = np.asarray(_sigma(xx, yy), dtype=float)
+    return np.where(np.isfinite(s), s, default)
 
 
 @dataclass
@@ -149,7 +151,7 @@ class Comparison:
 
     def spot_amp_labels(self) -> np.ndarray:
         """Amplifier of each spot at its mean position."""
-        with np.errstate(invalid="ignore"), _nowarn():
+        with np.errstate(invalid="ignore"), _quiet():
             xm, ym = np.nanmean(self.x, axis=1), np.nanmean(self.y, axis=1)
         return _amp_of(self.detector, xm, ym)
 
@@ -178,18 +180,6 @@ class Comparison:
             tab["dqdx"].unit = tab["dqdy"].unit = "1 / pix"
         tab.meta.update(self.meta)
         return tab
-
-
-class _nowarn:
-    def __enter__(self):
-        import warnings
-
-        self._c = warnings.catch_warnings()
-        self._c.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *a):
-        self._c.__exit__(*a)
 
 
 def _amp_of(detector: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -333,7 +323,7 @@ def binned_map(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[in
     ey = np.arange(0, ny + bin, bin) - 0.5
     ex[-1] = min(ex[-1], nx - 0.5) if ex[-1] > nx - 0.5 else ex[-1]
     ey[-1] = min(ey[-1], ny - 0.5) if ey[-1] > ny - 0.5 else ey[-1]
-    with _nowarn():
+    with _quiet():
         res = binned_statistic_2d(y[ok], x[ok], v[ok], statistic=statistic, bins=[ey, ex])
     out = res.statistic
     if statistic == "count":
