@@ -187,18 +187,34 @@ def plot_residual_hist(d: np.ndarray, *, expected_rms: float | None = None, ax=N
 
 
 def plot_amp_bars(table, *, ax=None, column: str = "d_mean", err: str = "d_mean_err",
-                  title: str = "Mean residual per amplifier") -> Figure:
-    """Bar chart of a per-amplifier summary (from :func:`spotflat.compare.summarize_by_amp`)."""
-    fig, ax = _axes(ax, figsize=(7.5, 4.2))
+                  title: str = "Residual per amplifier") -> Figure:
+    """Per-amplifier residuals (from :func:`spotflat.compare.summarize_by_amp`).
+
+    Top: mean ``d`` with its error over spots (``d`` has zero mean per spot,
+    so a non-zero amplifier mean is a gain or response step the flat misses).
+    Bottom: the residual RMS, where the flat and the spots disagree most.
+    """
+    if ax is None:
+        fig = Figure(figsize=(7.5, 5.6), layout="constrained")
+        ax, ax2 = fig.subplots(2, 1, sharex=True)
+    else:
+        fig, ax2 = ax.figure, None
     names = [str(a) for a in table["amp"]]
+    xs = np.arange(len(names))
     vals = np.asarray(table[column], float)
     errs = np.asarray(table[err], float)
-    ax.bar(np.arange(len(names)), vals, yerr=np.where(np.isfinite(errs), errs, 0), capsize=3, color="C0")
+    ax.bar(xs, vals, yerr=np.where(np.isfinite(errs), errs, 0), capsize=3, color="C0")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(np.arange(len(names)), names, rotation=45)
-    ax.set_xlabel("amplifier")
     ax.set_ylabel("mean d = t/q - 1")
     ax.set_title(title)
+    if ax2 is not None:
+        ax2.bar(xs, np.asarray(table["d_rms"], float), color="C1")
+        ax2.set_ylabel("rms of d")
+        ax2.set_xticks(xs, names, rotation=45)
+        ax2.set_xlabel("amplifier")
+    else:
+        ax.set_xticks(xs, names, rotation=45)
+        ax.set_xlabel("amplifier")
     return fig
 
 
@@ -211,7 +227,12 @@ def plot_distance_profile(table, *, ax=None, title: str = "Residual vs distance 
                 fmt="o", capsize=2)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel(f"distance to nearest {table.meta.get('BOUNDARY', '')} boundary [pix]")
+    kind = table.meta.get("BOUNDARY", "any")
+    what = "boundary (amplifier, mid-line or edge)" if kind == "any" else f"{kind} boundary"
+    ax.set_xlabel(f"distance to the nearest {what} [pix]")
     ax.set_ylabel("mean d = t/q - 1")
+    rms = ax.twinx()
+    rms.plot(mid, table["d_rms"], "s--", color="C1", label="rms of d")
+    rms.set_ylabel("rms of d", color="C1")
     ax.set_title(title)
     return fig
