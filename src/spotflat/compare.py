@@ -40,7 +40,21 @@ __all__ = [
 
 
 def relative_throughput(calib: Calibration, grids: SpotGrids, clip: bool = True) -> np.ndarray:
-    """``t[k, j] = f[k, j] / (F[k] s[j])`` (see :meth:`Calibration.relative_throughput`)."""
+    """Relative throughput ``t[k, j] = f[k, j] / (F[k] s[j])``.
+
+    Parameters
+    ----------
+    calib : Calibration
+    grids : SpotGrids
+        The spot data the catalogue was built from.
+    clip : bool
+        Drop the points the clipped calibration rejected.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[spot, exposure]``; see :meth:`Calibration.relative_throughput`.
+    """
     return calib.relative_throughput(grids, clip=clip)
 
 

@@ -169,5 +169,20 @@ class FitsFile:
 
 
 def read_fits(path: str | Path) -> FitsFile:
-    """Open ``path`` with the fast reader (see :class:`FitsFile`)."""
+    """Open ``path`` with the fast reader.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        An uncompressed FITS file.
+
+    Returns
+    -------
+    FitsFile
+
+    Raises
+    ------
+    Unsupported
+        When the file needs a feature this reader lacks (use astropy then).
+    """
     return FitsFile(path)

@@ -285,6 +285,19 @@ def write_outputs(res: CorrelateResult, outdir: str | os.PathLike, figures: bool
     Files: ``results.ecsv``, ``results.fits``, ``residuals.fits``,
     ``amp_summary.ecsv``, ``boundary_summary.ecsv``, ``variance.ecsv`` and
     the PNG figures of :func:`write_figures`.
+
+    Parameters
+    ----------
+    res : CorrelateResult
+    outdir : str or os.PathLike
+        Created if needed.
+    figures : bool
+        Also write the PNG figures.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written (each atomically).
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

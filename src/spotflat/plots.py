@@ -30,7 +30,24 @@ __all__ = [
 
 
 def new_axes(figsize: tuple[float, float] = (6.4, 5.2)):
-    """A new figure with one axes; returns ``(fig, ax)``."""
+    """A new figure with one axes.
+
+    Parameters
+    ----------
+    figsize : (float, float)
+        Figure size in inches.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    ax : matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> fig, ax = new_axes()
+    >>> len(fig.axes)
+    1
+    """
     fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.add_subplot()
 
@@ -42,7 +59,21 @@ def _axes(ax, figsize=(6.4, 5.2)):
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically; return the path."""
+    """Write ``fig`` as a PNG file, atomically.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+    path : str or os.PathLike
+        Output file; replaced only once the PNG is complete.
+    dpi : int
+        Resolution.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
@@ -50,7 +81,21 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 
 def draw_amp_boundaries(ax, detector: str, color: str = "k", lw: float = 0.6, labels: bool = True) -> None:
-    """Outline the amplifiers of ``detector`` (CCD pixel frame) and name them."""
+    """Outline the amplifiers of ``detector`` (CCD pixel frame) and name them.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        Axes in CCD pixel coordinates.
+    detector : str
+        Detector name, e.g. ``"R22_S11"``.
+    color : str
+        Line and label colour.
+    lw : float
+        Line width.
+    labels : bool
+        Write the amplifier names at their centres.
+    """
     from . import geometry
 
     for amp, (sy, sx) in geometry.amp_slices(detector).items():
@@ -88,6 +133,14 @@ def plot_spot_map(x: np.ndarray, y: np.ndarray, values: np.ndarray, *, detector:
     ax : matplotlib.axes.Axes, optional
     symmetric : bool
         Colour limits symmetric about the median (for residuals).
+    cmap : str
+        Colour map.
+    s : float
+        Marker size.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     fig, ax = _axes(ax)
     x, y, v = (np.ravel(a) for a in (x, y, values))
@@ -119,6 +172,19 @@ def plot_ccd_map(image: np.ndarray, *, bin: int = 1, detector: str | None = None
         Map with ``bin`` x ``bin`` pixel cells, origin at the lower-left pixel.
     bin : int
         Cell size in pixels (to label the axes in CCD pixels).
+    detector : str, optional
+        Outline its amplifiers.
+    title, label : str
+        Title and colour-bar label.
+    ax : matplotlib.axes.Axes, optional
+    symmetric : bool
+        Colour limits symmetric about the median.
+    cmap : str
+        Colour map.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     fig, ax = _axes(ax)
     ny, nx = image.shape
@@ -138,7 +204,23 @@ def plot_t_vs_q(t: np.ndarray, q: np.ndarray, *, slope: float | None = None, slo
                 r: float | None = None, r_err: float | None = None, ax=None,
                 title: str = "Spot relative throughput vs flat", xlabel: str = "flat relative response q",
                 ylabel: str = "spot relative throughput t") -> Figure:
-    """Hexbin of ``t`` against ``q`` with the fitted slope and the 1:1 line."""
+    """Hexbin of ``t`` against ``q`` with the fitted slope and the slope-1 line.
+
+    Parameters
+    ----------
+    t, q : numpy.ndarray
+        Any shape; non-finite pairs are skipped.
+    slope, slope_err : float, optional
+        Fitted slope of ``t`` on ``q`` (drawn through the means).
+    r, r_err : float, optional
+        Correlation, written in the corner.
+    ax : matplotlib.axes.Axes, optional
+    title, xlabel, ylabel : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     fig, ax = _axes(ax)
     t, q = np.ravel(t), np.ravel(q)
     ok = np.isfinite(t) & np.isfinite(q)
@@ -166,7 +248,21 @@ def plot_t_vs_q(t: np.ndarray, q: np.ndarray, *, slope: float | None = None, slo
 
 def plot_residual_hist(d: np.ndarray, *, expected_rms: float | None = None, ax=None,
                        title: str = "Spot-vs-flat residual d = t/q - 1") -> Figure:
-    """Histogram of residuals, with a Gaussian of the expected noise when given."""
+    """Histogram of residuals, with a Gaussian of the expected noise when given.
+
+    Parameters
+    ----------
+    d : numpy.ndarray
+        Residuals ``t / q - 1``.
+    expected_rms : float, optional
+        Noise expected from the measurement errors.
+    ax : matplotlib.axes.Axes, optional
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     fig, ax = _axes(ax)
     d = np.ravel(d)
     d = d[np.isfinite(d)]
@@ -193,6 +289,20 @@ def plot_amp_bars(table, *, ax=None, column: str = "d_mean", err: str = "d_mean_
     Top: mean ``d`` with its error over spots (``d`` has zero mean per spot,
     so a non-zero amplifier mean is a gain or response step the flat misses).
     Bottom: the residual RMS, where the flat and the spots disagree most.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        With ``amp``, ``column``, ``err`` and ``d_rms`` columns.
+    ax : matplotlib.axes.Axes, optional
+        Draw only the top panel into this axes.
+    column, err : str
+        Columns of the bar heights and their errors.
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if ax is None:
         fig = Figure(figsize=(7.5, 5.6), layout="constrained")
@@ -219,7 +329,19 @@ def plot_amp_bars(table, *, ax=None, column: str = "d_mean", err: str = "d_mean_
 
 
 def plot_distance_profile(table, *, ax=None, title: str = "Residual vs distance to a boundary") -> Figure:
-    """Mean residual in bins of distance to a boundary (from :func:`summarize_by_distance`)."""
+    """Mean and rms residual in bins of distance to a boundary.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        From :func:`spotflat.compare.summarize_by_distance`.
+    ax : matplotlib.axes.Axes, optional
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     fig, ax = _axes(ax, figsize=(6.4, 4.2))
     lo, hi = np.asarray(table["dist_min"], float), np.asarray(table["dist_max"], float)
     mid = np.sqrt(np.maximum(lo, 1) * hi)
