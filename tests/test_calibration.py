@@ -108,3 +108,24 @@ def test_calibration_recovers_simulated_truth(tmp_path):
     # width 1; the clipped mean trims a little real response structure (dust
     # donuts) that the noiseless truth keeps, a bias below the 1.5-sigma level
     assert abs(np.std(pull_s) - 1) < 0.3 and abs(np.mean(pull_s)) < 1.5
+
+
+def test_fast_nanmedian_matches_numpy():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    from spotflat.calibration import _nanmedian
+
+    @settings(max_examples=60, deadline=None)
+    @given(arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(1, 7)),
+                  elements=st.one_of(st.floats(-1e6, 1e6), st.just(np.nan))), st.integers(0, 1))
+    def check(a, axis):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = np.nanmedian(a, axis=axis)
+        np.testing.assert_allclose(_nanmedian(a, axis), expected, equal_nan=True)
+
+    check()

@@ -44,10 +44,20 @@ STATISTICS = ("mean", "median", "clipped")
 _MEDIAN_EFF = np.sqrt(np.pi / 2.0)
 
 
+def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
+    """NaN-aware median along ``axis`` by one sort (numpy's nanmedian loops over rows)."""
+    a = np.sort(np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1), axis=-1)  # NaNs sort last
+    n = np.isfinite(a).sum(axis=-1)
+    lo = np.maximum((n - 1) // 2, 0)[..., None]
+    hi = np.maximum(n // 2, 0)[..., None]
+    med = 0.5 * (np.take_along_axis(a, lo, -1) + np.take_along_axis(a, hi, -1))[..., 0]
+    return np.where(n > 0, med, np.nan)
+
+
 def _robust_sigma(resid: np.ndarray, axis: int) -> np.ndarray:
     """Normalised median absolute deviation along ``axis`` (NaN-aware)."""
-    with np.errstate(all="ignore"), _quiet():
-        return 1.4826 * np.nanmedian(np.abs(resid), axis=axis, keepdims=True)
+    with np.errstate(all="ignore"):
+        return 1.4826 * np.expand_dims(_nanmedian(np.abs(resid), axis), axis)
 
 
 class _quiet:
@@ -67,7 +77,7 @@ class _quiet:
 def _centre(a: np.ndarray, axis: int, stat: str) -> np.ndarray:
     with _quiet():
         if stat == "median":
-            return np.nanmedian(a, axis=axis)
+            return _nanmedian(a, axis)
         return np.nanmean(a, axis=axis)
 
 
@@ -266,14 +276,19 @@ def check_matches(calib: Calibration, grids: SpotGrids) -> None:
 
 def _spot_stats(r: np.ndarray, used: np.ndarray) -> dict[str, np.ndarray]:
     """Mean, median, clipped mean, std and count of ``r`` per spot over ``used``."""
-    ru = np.where(used, r, np.nan)
-    with _quiet():
-        n = used.sum(axis=1)
+    finite = np.isfinite(r)
+    n_all = finite.sum(axis=1)
+    n = used.sum(axis=1)
+    r_all = np.where(finite, r, 0.0)
+    ru = np.where(used, r, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        clipped = ru.sum(axis=1) / n
+        var = ((ru - clipped[:, None]) ** 2 * used).sum(axis=1) / (n - 1)
         return {
-            "mean": np.nanmean(np.where(np.isfinite(r), r, np.nan), axis=1),
-            "median": np.nanmedian(np.where(np.isfinite(r), r, np.nan), axis=1),
-            "clipped": np.nanmean(ru, axis=1),
-            "std": np.nanstd(ru, axis=1, ddof=1) if r.shape[1] > 1 else np.full(r.shape[0], np.nan),
+            "mean": r_all.sum(axis=1) / n_all,
+            "median": _nanmedian(np.where(finite, r, np.nan), 1),
+            "clipped": clipped,
+            "std": np.where(n > 1, np.sqrt(var), np.nan),
             "n": n,
         }
 
