@@ -26,6 +26,7 @@ grid row ``k % nrows`` (the mixcoatl convention, checked on a real catalogue).
 from __future__ import annotations
 
 import os
+import sys
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -686,7 +687,7 @@ def read_grids(path_or_paths, flux_column: str | None = None, detector: str | No
         import click
 
         with click.progressbar(paths, label="Reading grid files", show_pos=True,
-                               file=click.get_text_stream("stderr")) as bar:
+                               file=sys.stderr) as bar:
             return stack_grid_files((read_grid_file(p, flux_column) for p in bar),
                                     detector=detector, count=len(paths))
     return stack_grid_files((read_grid_file(p, flux_column) for p in paths),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sys
+
 import click
 import numpy as np
 
@@ -64,7 +66,7 @@ def simulate(outdir: Path, detector: str, ndither: int | None, preset: str | Non
         res = simulate_run(outdir, **kwargs)
     else:
         with click.progressbar(length=n + 2, label="Writing simulated run", show_pos=True,
-                               file=click.get_text_stream("stderr")) as bar:
+                               file=sys.stderr) as bar:
             res = simulate_run(outdir, progress=bar.update, **kwargs)
     sim = res.spots
     measured = ~sim.missing
