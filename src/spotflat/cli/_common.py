@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import click
-
 import contextlib
+import sys
 from typing import Iterable, Iterator
+
+import click
 
 __all__ = ["echo_summary", "csv_option", "progress"]
 
@@ -16,7 +17,7 @@ def progress(items: Iterable, label: str, quiet: bool = False) -> Iterator[Itera
     if quiet:
         yield items
         return
-    with click.progressbar(items, label=label, show_pos=True, file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(items, label=label, show_pos=True, file=sys.stderr) as bar:
         yield bar
 
 

@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ._common import echo_summary, progress
+from ._common import echo_summary
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "workers_options"]
 
 
-def _output_for(output: Path, detector: str, several: bool) -> Path:
+def _workers(ctx, param, value):
+    if value is not None and value < 1:
+        raise click.BadParameter("must be at least 1 (1 = serial)")
+    return value
+
+
+def workers_options(fn):
+    """The ``--workers N`` and ``--scheduler ADDRESS`` options shared by calibrate and correlate."""
+    fn = click.option("--scheduler", default=None, metavar="ADDRESS",
+                      help="Run on a running Dask scheduler, e.g. tcp://host:8786 (workers must see "
+                           "the same files); overrides --workers.")(fn)
+    fn = click.option("--workers", "-j", type=int, default=None, callback=_workers, metavar="N",
+                      help="Local worker processes (default: the machine's cores; 1 = serial). "
+                           "Small jobs run in this process.")(fn)
+    return fn
+
+
+def _output_for(output: Path, detector: str, several: bool, to_dir: bool) -> Path:
+    if to_dir:
+        return output / f"calib_{detector or 'unnamed'}.fits"
     if not several:
         return output
     return output.with_name(f"{output.stem}_{detector}{output.suffix or '.fits'}")
 
 
+def _is_dir_output(output: Path, raw: str) -> bool:
+    """``-o`` names a folder when it is one, or ends with a path separator."""
+    return output.is_dir() or raw.endswith(("/", os.sep))
+
+
 @click.command()
 @click.argument("spotdata_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", required=True, type=click.Path(),
               help="Calibration catalogue to write (FITS). With several detectors and no "
-                   "--detector, one file per detector: OUTPUT_<detector>.fits.")
+                   "--detector, one file per detector: OUTPUT_<detector>.fits. An existing folder "
+                   "(or a name ending in /) gets OUTPUT/calib_<detector>.fits.")
 @click.option("--flux-column", default=None,
               help="Flux column (default base_SdssShape_instFlux for DM catalogues, "
                    "FLUX+DFLUX for legacy files; '+' sums columns).")
@@ -35,83 +61,118 @@ def _output_for(output: Path, detector: str, several: bool) -> Path:
               help="Spots kept in fewer exposures are flagged invalid.")
 @click.option("--detector", default=None, help="Use only this detector's files, e.g. R22_S11.")
 @click.option("--ecsv", is_flag=True, help="Also write <output>_spots.ecsv and <output>_exposures.ecsv.")
+@workers_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def calibrate(spotdata_dir: Path, output: Path, flux_column: str | None, stat: str, sigma: float,
-              min_dithers: int, detector: str | None, ecsv: bool, quiet: bool) -> None:
+def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: str, sigma: float,
+              min_dithers: int, detector: str | None, ecsv: bool, workers: int | None,
+              scheduler: str | None, quiet: bool) -> None:
     """Build the calibration catalogue (F[k], s[j]) from SPOTDATA_DIR.
 
     SPOTDATA_DIR holds processed-grid files (DM grid catalogues or legacy
-    processed grids) of one or several detectors; files of different
-    detectors are never mixed.
+    processed grids) of one or several detectors, e.g. a focal-plane tree;
+    files of different detectors are never mixed. The work is shared among
+    --workers local processes or the workers of a Dask --scheduler; the
+    catalogues are the same bit for bit as with --workers 1.
     """
-    from ..calibration import build_calibration, write_calibration
+    from ..calibration import write_calibration
     from ..errors import InputError
     from ..fileio import check_writable
-    from ..grids import find_grid_files, group_by_detector, read_grid_file, stack_grid_files
+    from ..focalplane import calibrate_detectors
+    from ..grids import find_grid_files, group_by_detector
+    from ..parallel import Runner
 
-    check_writable(output)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if not Path(spotdata_dir).exists():
-            raise InputError("no such directory", path=spotdata_dir,
-                             expected="a folder of processed-grid files")
-        paths = find_grid_files(spotdata_dir)
-    for w in caught:
-        click.echo(f"Warning: {w.message}", err=True)
+    raw = output
+    output = Path(output)
+    to_dir = _is_dir_output(output, raw)
+    if to_dir:
+        if output.exists() and not output.is_dir():
+            raise InputError("not a directory", path=output, expected="an output folder")
+        check_writable(output / "calib.fits" if output.is_dir() else output)
+    else:
+        check_writable(output)
+    # connect first: an unreachable scheduler fails before any reading
+    with Runner(workers=workers, scheduler=scheduler) as runner:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if not Path(spotdata_dir).exists():
+                raise InputError("no such directory", path=spotdata_dir,
+                                 expected="a folder of processed-grid files")
+            paths = find_grid_files(spotdata_dir)
+        for w in caught:
+            click.echo(f"Warning: {w.message}", err=True)
 
-    groups = group_by_detector(paths)
-    if detector:
-        if detector not in groups:
-            raise InputError(f"no files for detector {detector}", path=spotdata_dir,
-                             expected="one of " + ", ".join(d or "(unnamed)" for d in groups))
-        groups = {detector: groups[detector]}
-    several = len(groups) > 1
-    if several:
-        click.echo(f"{len(groups)} detectors found ({', '.join(d or '(unnamed)' for d in groups)}): "
-                   "writing one catalogue per detector.")
-    # read everything before writing anything: no partial set of outputs
-    results = []
-    for det, det_paths in groups.items():
-        label = f"Reading {det or 'grid files'}"
-        with progress(det_paths, label, quiet) as bar:
-            grids = stack_grid_files((read_grid_file(p, flux_column) for p in bar),
-                                     detector=det or None, count=len(det_paths))
-        cal = build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma)
-        results.append((det, grids, cal))
-    for det, grids, cal in results:
-        out = _output_for(output, det, several)
-        written = write_calibration(cal, out, ecsv=ecsv)
-        _summary(det, grids, cal, written)
+        groups = group_by_detector(paths)
+        if detector:
+            if detector not in groups:
+                raise InputError(f"no files for detector {detector}", path=spotdata_dir,
+                                 expected="one of " + ", ".join(d or "(unnamed)" for d in groups))
+            groups = {detector: groups[detector]}
+        several = len(groups) > 1
+        if several:
+            names = list(groups)
+            shown = ", ".join(d or "(unnamed)" for d in names[:12]) + (", ..." if len(names) > 12 else "")
+            click.echo(f"{len(groups)} detectors found ({shown}): writing one catalogue per detector.")
+        # build everything before writing anything: no partial set of outputs
+        cals = calibrate_detectors(groups, runner, flux_column=flux_column, stat=stat,
+                                   min_dithers=min_dithers, sigma=sigma, progress=not quiet)
+        how = runner.describe()
+    if to_dir:
+        output.mkdir(parents=True, exist_ok=True)
+    written_all = []
+    for det, cal in cals.items():
+        written = write_calibration(cal, _output_for(output, det, several, to_dir), ecsv=ecsv)
+        written_all.append((det, cal, written))
+    if len(written_all) == 1:
+        det, cal, written = written_all[0]
+        _summary(det, cal, written, how)
+    else:
+        _short_summary(written_all, how)
 
 
-def _summary(det, grids, cal, written) -> None:
-    spots = cal.spots
+def _summary(det, cal, written, how: str) -> None:
+    spots, e = cal.spots, cal.exposures
     valid = np.asarray(spots["valid"])
     t_std = np.asarray(spots["t_std"])[valid]
+    ncols, nrows = int(e["ncols"][0]), int(e["nrows"][0])
     rows = [
-        ("files read", grids.nexp),
-        ("grid", f"{grids.grid_shape[0]} x {grids.grid_shape[1]} = {grids.nspot} spots"),
+        ("files read", len(e)),
+        ("grid", f"{ncols} x {nrows} = {len(spots)} spots"),
         ("spots kept", f"{int(valid.sum())} (>= {cal.meta['MINDITH']} dithers)"),
         ("statistic", f"{cal.meta['STAT']} of {cal.meta['FLUXCOL']}"
                       f" ({cal.meta['NITER']} iterations{'' if cal.meta['CONVERGD'] else ', NOT converged'})"),
         ("median scatter of t", f"{np.nanmedian(t_std):.4%}" if t_std.size else "n/a"),
         ("exposure scale s", f"{np.nanmin(cal.s):.4f} .. {np.nanmax(cal.s):.4f}"),
     ]
-    rows += _projector_rows(grids)
+    rows += _projector_rows(cal)
+    if how.startswith("Dask"):  # one detector on a local pool is read in this process
+        rows.append(("run on", how))
     rows.append(("written", ", ".join(str(p) for p in written)))
     echo_summary(f"Calibration of {det or 'unnamed detector'}:", rows)
 
 
-def _projector_rows(grids) -> list[tuple[str, str]]:
+def _short_summary(written_all, how: str) -> None:
+    """One line per detector (focal-plane runs)."""
+    rows = []
+    for det, cal, written in written_all:
+        valid = np.asarray(cal.spots["valid"])
+        t_std = np.asarray(cal.spots["t_std"])[valid]
+        scatter = f"{np.nanmedian(t_std):.3%}" if t_std.size else "n/a"
+        rows.append((det or "(unnamed)", f"{len(cal.exposures)} files, {int(valid.sum())}/{len(valid)} spots kept, "
+                                         f"median scatter of t {scatter} -> {written[0]}"))
+    rows.append(("run on", how))
+    echo_summary(f"Calibration of {len(written_all)} detectors:", rows)
+
+
+def _projector_rows(cal) -> list[tuple[str, str]]:
     """The projector-to-pixel fit, when the geometry module provides it."""
     try:
         from ..projector import fit_projector_map
     except ImportError:
         return []
-    e = grids.exposures
+    e = cal.exposures
     fit = fit_projector_map(np.asarray(e["bot_x"], float), np.asarray(e["bot_y"], float),
                             np.asarray(e["x0"], float), np.asarray(e["y0"], float),
-                            detector=grids.detector or None)
+                            detector=cal.detector or None)
     lines = fit.summary_lines()
     rows = [("projector map", lines[0] if lines else "")]
     rows += [("", line) for line in lines[1:]]

@@ -8,8 +8,9 @@ import click
 import numpy as np
 
 from ._common import csv_option, echo_summary
+from .calibrate import workers_options
 
-__all__ = ["correlate", "print_summary"]
+__all__ = ["correlate", "print_summary", "print_focal_plane_summary"]
 
 
 def _sigma(value: str):
@@ -21,11 +22,21 @@ def _sigma(value: str):
         raise click.BadParameter("expected 'moments' or a width in pixels") from None
 
 
+def _is_many(calib: Path) -> bool:
+    """CALIB names several catalogues: a folder or a glob pattern."""
+    import glob
+
+    return calib.is_dir() or glob.has_magic(str(calib))
+
+
 @click.command()
 @click.argument("calib", type=click.Path(path_type=Path))
 @click.argument("spotdata_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--flat", "flat", required=True, type=click.Path(path_type=Path),
+@click.option("--flat", "flat", default=None, type=click.Path(path_type=Path),
               help="CCOB flat: raw 16-segment file, assembled CCD image or master flat.")
+@click.option("--flat-dir", default=None, type=click.Path(path_type=Path),
+              help="Folder of flats, one per detector (found by the detector name in the file "
+                   "name or header); for the focal-plane form.")
 @click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--quantity", default="flux", show_default=True,
               help="Comma-separated: flux, dx, dy, size, xx, yy, xy.")
@@ -43,17 +54,28 @@ def _sigma(value: str):
 @click.option("--sigma", default="moments", show_default=True,
               help="Gaussian footprint: 'moments' (from each spot's second moments) or pixels.")
 @click.option("--radius", type=float, default=None, help="Use a top-hat footprint of this radius (pixels).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of all resampling.")
-@click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of all resampling (the same for every detector).")
+@click.option("--no-figures", is_flag=True, help="Skip the per-detector PNG figures.")
+@workers_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def correlate(calib: Path, spotdata_dir: Path | None, flat: Path, outdir: Path, quantity: str, nboot: int,
-              nnull: int, block: str, patch_size: int, method: str, normalize: str, sigma: str,
-              radius: float | None, seed: int, no_figures: bool, quiet: bool) -> None:
+def correlate(calib: Path, spotdata_dir: Path | None, flat: Path | None, flat_dir: Path | None, outdir: Path,
+              quantity: str, nboot: int, nnull: int, block: str, patch_size: int, method: str, normalize: str,
+              sigma: str, radius: float | None, seed: int, no_figures: bool, workers: int | None,
+              scheduler: str | None, quiet: bool) -> None:
     """Compare the spots of CALIB with a flat; write results, residuals and figures.
 
+    \b
+    One detector:  spotflat correlate CALIB.fits --flat FLAT [SPOTDATA_DIR] -o OUTDIR
+    Focal plane:   spotflat correlate CALIB_DIR_OR_GLOB --flat-dir FLATS/ [SPOTDATA_TREE] -o OUTDIR
+
     SPOTDATA_DIR defaults to the processed-grid files recorded in CALIB.
-    Writes OUTDIR/results.ecsv (+ .fits), OUTDIR/residuals.fits, per-amplifier
-    and boundary summaries, and PNG figures.
+    One detector writes OUTDIR/results.ecsv (+ .fits), OUTDIR/residuals.fits,
+    per-amplifier and boundary summaries, and PNG figures. The focal-plane
+    form writes the same into OUTDIR/<DET>/ for each detector, plus
+    OUTDIR/focal_plane_summary.ecsv (per CCD), focal_plane_amps.ecsv (per
+    amplifier) and focal_plane.png; detectors run in parallel (--workers,
+    --scheduler) and nothing is written unless all of them succeed.
     """
     from ..pipeline import QUANTITY_PAIRS, run_correlate, write_outputs
 
@@ -62,11 +84,65 @@ def correlate(calib: Path, spotdata_dir: Path | None, flat: Path, outdir: Path, 
     if bad:
         raise click.BadParameter(f"unknown quantity {bad[0]!r}; choose from {', '.join(QUANTITY_PAIRS)}",
                                  param_hint="--quantity")
-    res = run_correlate(calib, flat, spotdata=spotdata_dir, quantities=quantities, nboot=nboot, nnull=nnull,
-                        block=block, patch_size=patch_size, seed=seed, method=method, normalize=normalize,
-                        sigma=_sigma(sigma), radius=radius, progress=not quiet)
+    if (flat is None) == (flat_dir is None):
+        raise click.UsageError("give either --flat FLAT (one detector) or --flat-dir FLATS/ (one flat per detector)")
+    params = dict(quantities=quantities, nboot=nboot, nnull=nnull, block=block, patch_size=patch_size, seed=seed,
+                  method=method, normalize=normalize, sigma=_sigma(sigma), radius=radius)
+    many = _is_many(calib)
+    if many and flat is not None:
+        raise click.UsageError(f"{calib} names several catalogues: give --flat-dir with one flat per detector")
+    if many:
+        _focal_plane(calib, spotdata_dir, flat_dir, outdir, params, not no_figures, workers, scheduler, quiet)
+        return
+    if flat is None:  # one catalogue, its flat found in a folder of flats
+        from ..calibration import read_calibration
+        from ..focalplane import find_flats
+
+        det = read_calibration(calib).detector
+        flat = find_flats(flat_dir, [det])[det]
+    if workers not in (None, 1) or scheduler:
+        click.echo("Note: one detector runs in this process; --workers and --scheduler share out "
+                   "the detectors of the focal-plane form.", err=True)
+    from ..parallel import single_thread_blas
+
+    with single_thread_blas():  # the same numbers as the focal-plane form's workers
+        res = run_correlate(calib, flat, spotdata=spotdata_dir, progress=not quiet, **params)
     files = write_outputs(res, outdir, figures=not no_figures)
     print_summary(res, outdir, files)
+
+
+def _focal_plane(calib, spotdata_dir, flat_dir, outdir, params, figures, workers, scheduler, quiet) -> None:
+    from ..focalplane import correlate_focal_plane, find_calibrations, find_flats
+    from ..parallel import Runner
+
+    with Runner(workers=workers, scheduler=scheduler) as runner:
+        calibs = find_calibrations(calib)
+        flats = find_flats(flat_dir, list(calibs))
+        res = correlate_focal_plane(calibs, flats, outdir, runner=runner, spotdata=spotdata_dir,
+                                    figures=figures, progress=not quiet, **params)
+        how = runner.describe()
+    print_focal_plane_summary(res, outdir, how)
+
+
+def print_focal_plane_summary(res, outdir: Path, how: str = "") -> None:
+    """Short summary of a focal-plane run: per detector when few, the spread when many."""
+    s = res.summary
+    rows = []
+    if len(s) <= 12:
+        for r in s:
+            rows.append((str(r["detector"]), f"r {r['r']:+.4f} ± {r['r_err_block']:.4f} (block), "
+                                             f"slope {r['slope']:.4g} ± {r['slope_err']:.2g}, "
+                                             f"d rms {r['d_rms']:.3e}, p = {r['p_value']:.3g}"))
+    else:
+        r, d = np.asarray(s["r"], float), np.asarray(s["d_rms"], float)
+        worst = str(s["detector"][int(np.nanargmax(d))])
+        rows.append(("r", f"median {np.nanmedian(r):+.4f}, range {np.nanmin(r):+.4f} .. {np.nanmax(r):+.4f}"))
+        rows.append(("residual rms", f"median {np.nanmedian(d):.3e}, largest {np.nanmax(d):.3e} ({worst})"))
+    if how:
+        rows.append(("run on", how))
+    rows.append(("summary", str(Path(outdir) / "focal_plane_summary.ecsv")))
+    rows.append(("figure", str(Path(outdir) / "focal_plane.png")))
+    echo_summary(f"Spot-vs-flat correlation over {len(s)} detectors:", rows)
 
 
 def print_summary(res, outdir: Path, files) -> None:
