@@ -58,13 +58,12 @@ value; a size that rounds to 0 means no footprint (bilinear interpolation).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 from typing import Any, Iterator
 
 import numpy as np
 from scipy import ndimage, signal
 
+from .blas import single_thread_blas
 from .errors import InputError
 
 __all__ = [
@@ -312,60 +311,6 @@ def _band(kernel: np.ndarray, block: int) -> np.ndarray:
     return band
 
 
-_BLAS_THREADS: list[tuple[Any, Any]] | None = None
-
-
-def _openblas_thread_controls() -> list[tuple[Any, Any]]:
-    """(get, set) thread-count functions of the OpenBLAS libraries loaded (Linux)."""
-    global _BLAS_THREADS
-    if _BLAS_THREADS is None:
-        _BLAS_THREADS = []
-        try:
-            with open("/proc/self/maps") as fh:
-                libs = sorted({line.split()[-1] for line in fh
-                               if "openblas" in line.lower() and ".so" in line})
-        except OSError:
-            libs = []
-        for path in libs:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for prefix in ("scipy_openblas", "openblas"):
-                for suffix in ("64_", ""):
-                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                    if get is not None and put is not None:
-                        get.restype = ctypes.c_int
-                        put.argtypes = [ctypes.c_int]
-                        _BLAS_THREADS.append((get, put))
-                        break
-                else:
-                    continue
-                break
-    return _BLAS_THREADS
-
-
-@contextlib.contextmanager
-def _single_thread_blas() -> Iterator[None]:
-    """Run the enclosed matrix products on one OpenBLAS thread.
-
-    The products here are thin (64-row bands); OpenBLAS splits them over its
-    spinning worker threads, which on a busy machine makes them many times
-    slower than one thread. A no-op where OpenBLAS cannot be found.
-    """
-    controls = _openblas_thread_controls()
-    saved = []
-    try:
-        for get, put in controls:
-            saved.append((put, get()))
-            put(1)
-        yield
-    finally:
-        for put, n in saved:
-            put(n)
-
-
 def correlate_separable(a: np.ndarray | list[np.ndarray], kx: np.ndarray, ky: np.ndarray,
                         pad: int = 0, block: int = 64) -> np.ndarray:
     """Correlate an image with ``outer(ky, kx)``, zero outside the image.
@@ -420,7 +365,7 @@ def correlate_separable(a: np.ndarray | list[np.ndarray], kx: np.ndarray, ky: np
     # one y product serves them all and a later gather fetches them together
     out = np.empty((oy, ox, nimg))
     buf = np.empty((block + 2 * ry, ox, nimg))
-    with _single_thread_blas():
+    with single_thread_blas():
         for i0 in range(0, oy, block):
             # one stripe of output rows: the x pass of the input rows it needs
             # goes to a small buffer that stays in cache, then one y product
