@@ -53,10 +53,28 @@ def _value(raw: str):
 
 
 class _Header(dict):
-    """Header keywords of one HDU, plus where its data starts."""
+    """Header keywords of one HDU, plus where its data starts.
+
+    Values are kept as the card text and parsed on first access: a catalogue
+    header has hundreds of cards and a reader needs a dozen of them.
+    """
 
     data_start: int = 0
     data_size: int = 0
+
+    def __getitem__(self, key):
+        value = dict.__getitem__(self, key)
+        if isinstance(value, _Raw):
+            value = _value(value)
+            dict.__setitem__(self, key, value)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+class _Raw(str):
+    """An unparsed header value."""
 
 
 def _parse_header(buf: memoryview | bytes, start: int) -> _Header:
@@ -86,9 +104,9 @@ def _parse_header(buf: memoryview | bytes, start: int) -> _Header:
                 body = card[9:]
                 if "=" in body:
                     k, v = body.split("=", 1)
-                    hdr[k.strip()] = _value(v)
+                    hdr[k.strip()] = _Raw(v)
             elif card[8:10] == "= " and key:
-                hdr[key] = _value(card[10:])
+                hdr[key] = _Raw(card[10:])
 
 
 class FitsFile:
