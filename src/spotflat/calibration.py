@@ -16,9 +16,12 @@ The relative throughput is then ``t[k, j] = f[k, j] / (F[k] s[j])``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from astropy.io import fits
@@ -60,25 +63,12 @@ def _robust_sigma(resid: np.ndarray, axis: int) -> np.ndarray:
         return 1.4826 * np.expand_dims(_nanmedian(np.abs(resid), axis), axis)
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """Silence numpy's all-NaN-slice warnings: missing spots are expected."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-
-def _centre(a: np.ndarray, axis: int, stat: str) -> np.ndarray:
-    with _quiet():
-        if stat == "median":
-            return _nanmedian(a, axis)
-        return np.nanmean(a, axis=axis)
+        yield
 
 
 def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
@@ -142,8 +132,9 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     for it in range(1, maxiter + 1):
         if stat == "median":
             fu = np.where(used, f, np.nan)
-            F_new = _centre(fu / s[None, :], 1, stat)
-            s_new = _centre(fu / F_new[:, None], 0, stat)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                F_new = _nanmedian(fu / s[None, :], 1)
+                s_new = _nanmedian(fu / F_new[:, None], 0)
         else:  # masked sums as matrix-vector products: far faster than nanmean
             with np.errstate(invalid="ignore", divide="ignore"):
                 F_new = (fw @ (1.0 / s)) / w.sum(axis=1)
@@ -234,8 +225,11 @@ class Calibration:
             The stacked measurements the catalogue was built from (same
             exposures, in the same order: checked by file name).
         clip : bool
-            Set the points rejected by the clipped estimator to NaN (the same
-            rejection rule and threshold as when the catalogue was built).
+            For a clipped catalogue, set points more than the catalogue's
+            clipping threshold (``SIGCLIP``) robust (MAD) standard deviations
+            from their spot's mean to NaN. This is the estimator's first,
+            robust rejection pass; its later passes (std of the kept points)
+            are not repeated, so the set can differ by a few marginal points.
 
         Returns
         -------
@@ -243,12 +237,11 @@ class Calibration:
             Shape ``(nspot, nexp)``.
         """
         check_matches(self, grids)
-        f = grids.quantity("flux") if self.meta.get("FLUXCOL") in (None, grids.flux_column) else None
-        if f is None:
+        if self.meta.get("FLUXCOL") not in (None, grids.flux_column):
             raise InputError(f"spot data use flux column {grids.flux_column!r} but the catalogue "
                              f"was built from {self.meta.get('FLUXCOL')!r}")
         with np.errstate(invalid="ignore", divide="ignore"):
-            t = f / (self.F[:, None] * self.s[None, :])
+            t = grids.flux / (self.F[:, None] * self.s[None, :])
         t[~np.isfinite(t)] = np.nan
         if clip and self.meta.get("STAT") == "clipped":
             sig = float(self.meta.get("SIGCLIP", 4.0))

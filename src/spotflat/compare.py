@@ -197,17 +197,12 @@ class Comparison:
 
 
 def _amp_of(detector: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Amplifier of each position; ``""`` off the CCD, at NaN, or when the detector is unknown."""
     from . import geometry
 
-    x = np.asarray(x, float)
-    y = np.asarray(y, float)
-    out = np.full(x.shape, "", dtype="<U3")
-    ok = np.isfinite(x) & np.isfinite(y)
-    if detector and ok.any():
-        ny, nx = geometry.ccd_shape(detector)
-        ok &= (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
-        out[ok] = geometry.amp_of_pixel(detector, x[ok], y[ok])
-    return out
+    if not detector:
+        return np.full(np.shape(x), "", dtype="<U3")
+    return np.asarray(geometry.amp_of_pixel(detector, x, y))
 
 
 def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
@@ -335,8 +330,8 @@ def binned_map(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[in
     ny, nx = shape
     ex = np.arange(0, nx + bin, bin) - 0.5
     ey = np.arange(0, ny + bin, bin) - 0.5
-    ex[-1] = min(ex[-1], nx - 0.5) if ex[-1] > nx - 0.5 else ex[-1]
-    ey[-1] = min(ey[-1], ny - 0.5) if ey[-1] > ny - 0.5 else ey[-1]
+    ex[-1] = min(ex[-1], nx - 0.5)  # a partial last bin ends at the CCD edge
+    ey[-1] = min(ey[-1], ny - 0.5)
     with _quiet():
         res = binned_statistic_2d(y[ok], x[ok], v[ok], statistic=statistic, bins=[ey, ex])
     out = res.statistic

@@ -26,7 +26,6 @@ grid row ``k % nrows`` (the mixcoatl convention, checked on a real catalogue).
 from __future__ import annotations
 
 import os
-import sys
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -683,12 +682,8 @@ def read_grids(path_or_paths, flux_column: str | None = None, detector: str | No
         if not paths:
             raise InputError(f"no files for detector {detector}",
                              expected="one of " + ", ".join(k for k in groups if k))
-    if progress:
-        import click
+    from .cli._common import progress as progress_bar
 
-        with click.progressbar(paths, label="Reading grid files", show_pos=True,
-                               file=sys.stderr) as bar:
-            return stack_grid_files((read_grid_file(p, flux_column) for p in bar),
-                                    detector=detector, count=len(paths))
-    return stack_grid_files((read_grid_file(p, flux_column) for p in paths),
-                            detector=detector, count=len(paths))
+    with progress_bar(paths, "Reading grid files", quiet=not progress) as bar:
+        return stack_grid_files((read_grid_file(p, flux_column) for p in bar),
+                                detector=detector, count=len(paths))

@@ -257,9 +257,6 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     meta = provenance_cards(DETECTOR=comp.detector, NBOOT=nboot, NNULL=nnull, BLOCK=block, SEED=seed,
                             METHOD=method, NSPOT=comp.nspot, NPOINT=comp.npoint, **comp.meta)
     results.meta.update(meta)
-    for col, unit in (("slope", ""), ("intercept", "")):
-        if col in results.colnames and unit:
-            results[col].unit = unit
     return CorrelateResult(results=results, comparison=comp, stats=stats, variance=variance,
                            amp_summary=amp, boundary_summary=boundary)
 

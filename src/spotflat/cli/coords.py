@@ -30,7 +30,6 @@ _FROM_COLUMNS = {
 
 def _convert(frame: str, det, amps, x, y, convention) -> list[dict]:
     """All frames for points given in one frame (arrays); det: name or array of names/None."""
-    from ..errors import InputError
     from ..geometry import (amp_to_ccd, ccd_to_amp, ccd_to_focal, focal_to_ccd, focal_to_detector,
                             get_camera)
     from ..projector import bot_to_focal, focal_to_bot

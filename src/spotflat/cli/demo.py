@@ -55,8 +55,9 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
     d = comp.d[ok]
     inj = injected[ok]
     r_rec = float(np.corrcoef(d, inj)[0, 1]) if ok.sum() > 2 else float("nan")
-    fig, axes = plots.new_axes(figsize=(11, 4.6))
-    fig.clear()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     from ..compare import binned_map
     from ..geometry import ccd_shape
