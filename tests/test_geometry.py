@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spotflat.errors import InputError
 from spotflat.geometry import (amp_boundaries, amp_index_map, amp_names, amp_of_pixel, amp_slices,
@@ -176,15 +178,30 @@ def test_scalar_in_scalar_out():
 
 
 def _brute_force(cam, fx, fy):
-    names = np.full(fx.shape, None, dtype=object)
+    """Detector number and pixel by brute force: each detector's transform and pixel range."""
+    idx = np.full(fx.shape, -1)
     px = np.full(fx.shape, np.nan)
     py = np.full(fx.shape, np.nan)
-    for d in cam:
+    for i, d in enumerate(cam):
         u, v = focal_to_ccd(d, fx, fy)
         on = (u >= -0.5) & (u < d.nx - 0.5) & (v >= -0.5) & (v < d.ny - 0.5)
-        assert not np.any(on & (names != None)), "detectors overlap"  # noqa: E711
-        names[on], px[on], py[on] = d.name, u[on], v[on]
-    return names, px, py
+        assert not np.any(on & (idx >= 0)), "detectors overlap"
+        idx[on], px[on], py[on] = i, u[on], v[on]
+    return idx, px, py
+
+
+def _nudge(a, ulps):
+    for _ in range(abs(ulps)):
+        a = np.nextafter(a, np.inf if ulps > 0 else -np.inf)
+    return a
+
+
+def _assert_same_as_reference(cam, fx, fy, **kw):
+    idx, px, py = cam.focal_to_detector_index(fx, fy, **kw)
+    ri, rx, ry = _brute_force(cam, fx, fy)
+    np.testing.assert_array_equal(idx, ri)
+    np.testing.assert_array_equal(px, rx)  # exactly: NaN in the same places
+    np.testing.assert_array_equal(py, ry)
 
 
 def test_focal_to_detector_matches_brute_force(cam):
@@ -198,8 +215,8 @@ def test_focal_to_detector_matches_brute_force(cam):
     fx = np.r_[fx, ex, np.nan, np.inf, 1e300, 0.0]
     fy = np.r_[fy, ey, 0.0, 0.0, 0.0, np.nan]
     names, px, py = focal_to_detector(fx, fy)
-    bn, bx, by = _brute_force(cam, fx, fy)
-    assert (names == bn).all()
+    bi, bx, by = _brute_force(cam, fx, fy)
+    assert (names == np.array(cam.detectors + [None], dtype=object)[bi]).all()
     assert np.array_equal(np.isnan(px), np.isnan(bx))
     ok = ~np.isnan(px)
     assert np.abs(px[ok] - bx[ok]).max() < 1e-9 and np.abs(py[ok] - by[ok]).max() < 1e-9
@@ -216,6 +233,48 @@ def test_focal_to_detector_every_ccd(cam):
         names, px, py = focal_to_detector(*ccd_to_focal(d, x, y))
         assert (names == d.name).all()
         assert np.abs(px - x).max() < 1e-9 and np.abs(py - y).max() < 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(det=st.integers(0, 204), seed=st.integers(0, 2**32 - 1), ulps=st.integers(-2, 2),
+       along=st.floats(0.0, 1.0))
+def test_focal_to_detector_index_matches_reference(cam, det, seed, ulps, along):
+    """The lookup tables give the brute-force answer bit for bit, also exactly on CCD edges."""
+    rng = np.random.default_rng(seed)
+    fx, fy = rng.uniform(-345, 345, (2, 20_000))  # the whole focal plane and beyond
+    # the edges and corners of one detector, through its pixel -> focal transform
+    d = list(cam)[det]
+    ex, ey = d.nx - 0.5, d.ny - 0.5
+    u = np.r_[-0.5, ex, -0.5 + along * d.nx, -0.5 + along * d.nx, -0.5, ex, -0.5, ex]
+    v = np.r_[-0.5 + along * d.ny, -0.5 + along * d.ny, -0.5, ey, -0.5, -0.5, ey, ey]
+    cx, cy = ccd_to_focal(d, u, v, check=False)
+    # the outline corners of every detector in mm, against a random other coordinate
+    ox = np.concatenate([detector_outline(e)[0] for e in cam])
+    oy = np.concatenate([detector_outline(e)[1] for e in cam])
+    fx = np.r_[fx, _nudge(cx, ulps), _nudge(ox, ulps), rng.uniform(-330, 330, oy.size)]
+    fy = np.r_[fy, _nudge(cy, ulps), rng.uniform(-330, 330, ox.size), _nudge(oy, ulps)]
+    _assert_same_as_reference(cam, fx, fy)
+
+
+def test_focal_to_detector_index_odd_inputs(cam):
+    special = np.array([np.nan, np.inf, -np.inf, 1e300, -1e300, 1e18, -5e9, 0.0, -0.0, 330.0])
+    gx, gy = np.meshgrid(np.r_[special, np.linspace(-320, 320, 41)],
+                         np.r_[special, np.linspace(-320, 320, 41)])
+    _assert_same_as_reference(cam, gx, gy)
+    # chunking (and the batches of points needing the inside test) do not change the answer
+    rng = np.random.default_rng(11)
+    fx, fy = rng.uniform(-330, 330, (2, 3, 10_001))
+    full = cam.focal_to_detector_index(fx, fy)
+    for chunk in (1, 7, 1000, 1 << 20):
+        for a, b in zip(cam.focal_to_detector_index(fx, fy, chunk=chunk), full):
+            np.testing.assert_array_equal(a, b)
+    assert full[0].shape == (3, 10_001)
+    idx, px, py = cam.focal_to_detector_index(np.zeros(0), np.zeros(0))
+    assert idx.shape == px.shape == py.shape == (0,)
+    idx, px, py = cam.focal_to_detector_index(0.0, 0.0)
+    assert idx.shape == () and cam.detectors[int(idx)] == "R22_S11" and float(px) == 2047.5
+    name, x, y = focal_to_detector(np.nan, 0.0)
+    assert name is None and math.isnan(x) and math.isnan(y)
 
 
 # --------------------------------------------------------------------------- amplifiers / boundaries

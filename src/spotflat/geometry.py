@@ -398,75 +398,71 @@ class Camera:
     # -- focal plane -> detector --------------------------------------------------
     @functools.cached_property
     def _lookup(self) -> dict:
-        """Grid of 0.5 mm cells over the focal plane, telling which detector covers each cell.
+        """Tables telling which detector covers each focal-plane position.
 
-        A cell's code is the detector number when the cell lies wholly inside one
-        unrotated CCD (the fast path: pixel = focal / pixel_size + constant),
-        ``EMPTY`` when no CCD touches it, and ``SPECIAL`` otherwise (cells on a
-        CCD edge, rotated corner-raft sensors): those points are tested against
-        every candidate detector of the cell.
+        Every detector is an axis-aligned rectangle (yaws are multiples of 90
+        degrees), so the detector edges cut each axis into intervals, and each
+        (x interval, y interval) rectangle lies inside one detector or none. A
+        uniform grid of one-pixel cells along each axis maps a coordinate to its
+        *class* (see :func:`_axis_classes`): an interval between edges, or a run
+        of cells that hold an edge. A table by (y class, x class) then gives a
+        code: the detector number where the rectangle lies wholly inside one
+        unrotated CCD (the fast path: pixel = focal * scale + constant), -1 where
+        no CCD touches it, and otherwise (edge cells, rotated corner-raft
+        sensors) a code ``>= ndet`` whose points are tested against the list of
+        candidate detectors ``cands[code]``. The tables take ~0.65 MB: unlike one
+        fine 2-D grid over the whole plane, they stay in the L2 cache.
         """
         dets = list(self._dets.values())
         ndet = len(dets)
-        cell = 0.5  # mm, smaller than every gap between CCDs
         boxes = np.array([(ox.min(), ox.max(), oy.min(), oy.max())
                           for ox, oy in (detector_outline(d) for d in dets)])
-        xmin, ymin = boxes[:, 0].min() - 2 * cell, boxes[:, 2].min() - 2 * cell
-        ncx = int(math.ceil((boxes[:, 1].max() - xmin) / cell)) + 3
-        ncy = int(math.ceil((boxes[:, 3].max() - ymin) / cell)) + 3
-        blocks = [(slice(int((y0 - ymin) // cell), int((y1 - ymin) // cell) + 1),
-                   slice(int((x0 - xmin) // cell), int((x1 - xmin) // cell) + 1))
-                  for x0, x1, y0, y1 in boxes]
-        count = np.zeros((ncy, ncx), dtype=np.int16)
-        for sy, sx in blocks:
-            count[sy, sx] += 1
-        depth = int(count.max())
-        table = np.full((ncy, ncx, depth), -1, dtype=np.int16)
-        fill = np.zeros((ncy, ncx), dtype=np.int16)
-        for i, (sy, sx) in enumerate(blocks):
-            level = fill[sy, sx]
-            sub = table[sy, sx]
-            np.put_along_axis(sub, level[..., None].astype(np.intp), np.int16(i), axis=2)
-            table[sy, sx] = sub
-            fill[sy, sx] += 1
-        # codes: -1 empty; i < ndet: wholly inside unrotated detector i (fast path);
-        # ndet + i: touches only detector i but needs the inside test (edge cells, rotated
-        # corner sensors); 2 * ndet: several candidates (tested one by one)
-        multi = 2 * ndet
-        codes = np.full((ncy, ncx), -1, dtype=np.int16)
         scale = 1.0 / dets[0].pixel_size
-        fast = [d._f2p[0, 1] == 0 and d._f2p[1, 0] == 0 and d._f2p[0, 0] == scale
-                and d._f2p[1, 1] == scale for d in dets]
-        eps = 1e-6  # pixels: margin against rounding at the CCD edge
-        for i, (sy, sx) in enumerate(blocks):
-            d = dets[i]
-            one = count[sy, sx] == 1
-            block = np.where(one, ndet + i, multi).astype(np.int16)
-            if fast[i]:
-                # pixel range covered by each cell column / row of the block
-                u0 = d._f2p[0, 0] * (xmin + np.arange(sx.start, sx.stop) * cell) + d._f2p[0, 2]
-                v0 = d._f2p[1, 1] * (ymin + np.arange(sy.start, sy.stop) * cell) + d._f2p[1, 2]
-                okx = (u0 > -0.5 + eps) & (u0 + cell * scale < d.nx - 0.5 - eps)
-                oky = (v0 > -0.5 + eps) & (v0 + cell * scale < d.ny - 0.5 - eps)
-                block[oky[:, None] & okx[None, :] & one] = i
-            codes[sy, sx] = block
+        cell = 1.0 / scale  # one pixel: the cell index then comes from focal * scale, the pixel
+        margin = 1e-6  # mm = 1e-4 pixel, far above rounding errors: fast cells stay exact
+        xlo, xmap, xr = _axis_classes(boxes[:, :2].ravel(), cell, margin)
+        ylo, ymap, yr = _axis_classes(boxes[:, 2:].ravel(), cell, margin)
+        # (detector, class): the box touches the class's range / holds it wholly
+        x0, x1, y0, y1 = (b[:, None] for b in boxes.T)
+        touch_x = (x0 - margin < xr[:, 1]) & (x1 + margin > xr[:, 0])
+        touch_y = (y0 - margin < yr[:, 1]) & (y1 + margin > yr[:, 0])
+        in_x = (x0 + margin <= xr[:, 0]) & (xr[:, 1] <= x1 - margin)
+        in_y = (y0 + margin <= yr[:, 0]) & (yr[:, 1] <= y1 - margin)
+        touch = touch_y[:, :, None] & touch_x[:, None, :]
+        count = touch.sum(axis=0)
+        first = touch.argmax(axis=0)
+        fast = np.array([d._f2p[0, 1] == 0 and d._f2p[1, 0] == 0 and d._f2p[0, 0] == scale
+                         and d._f2p[1, 1] == scale for d in dets])
+        iy, ix = np.indices(count.shape)
+        quick = (count == 1) & fast[first] & in_y[first, iy] & in_x[first, ix]
+        codes = np.where(quick, first, -1)
+        lists: dict[tuple, int] = {}
+        for i, j in zip(*np.nonzero((count > 0) & ~quick)):
+            key = tuple(np.flatnonzero(touch[:, i, j]))  # by detector number: first hit wins
+            codes[i, j] = ndet + lists.setdefault(key, len(lists))
         codes = codes.ravel()
-        table = table.reshape(ncy * ncx, depth)
-        # fast-path constants by code (pixel = focal * scale + c); NaN where the fast path
-        # does not apply, the last entry for code -1
-        cu = np.full(2 * ndet + 2, np.nan)
-        cv = np.full(2 * ndet + 2, np.nan)
-        for i, (d, f) in enumerate(zip(dets, fast)):
-            if f:
-                cu[i] = cu[ndet + i] = d._f2p[0, 2]
-                cv[i] = cv[ndet + i] = d._f2p[1, 2]
-        params = np.array([[*d._f2p[0], *d._f2p[1], d.nx - 0.5, d.ny - 0.5] for d in dets]).T.copy()
-        names = np.array([d.name for d in dets] + [None], dtype=object)
-        return {"xmin": xmin, "ymin": ymin, "inv": 1.0 / cell, "shape": (ncy, ncx), "ndet": ndet,
-                "codes": codes, "scale": scale, "cu": cu, "cv": cv, "fast": np.array(fast),
-                "table": table, "params": params, "names": names}
+        # candidate lists by code (rows below ndet unused), padded with -1
+        cands = np.full((ndet + len(lists), max(map(len, lists), default=1)), -1, dtype=np.intp)
+        for key, k in lists.items():
+            cands[ndet + k, :len(key)] = key
+        # fast-path constants (u, v) by table cell, NaN elsewhere; side by side, so that one
+        # take fetches both
+        cuv = np.full((codes.size, 2), np.nan)
+        for i, d in enumerate(dets):
+            cuv[codes == i] = d._f2p[:, 2]
+        # by detector: f2p matrix and pixel limits; a last row of NaN for candidate -1
+        params = np.array([[*d._f2p[0], *d._f2p[1], d.nx - 0.5, d.ny - 0.5] for d in dets]
+                          + [[np.nan] * 8])
+        # the maps in the smallest integer type that holds a table cell, to stay in cache
+        small = np.int16 if codes.size <= np.iinfo(np.int16).max else np.int32
+        ncol = count.shape[1]
+        return {"scale": scale, "xoff": -xlo * scale, "yoff": -ylo * scale,
+                "xmap": xmap.astype(small), "ymap": (ymap * ncol).astype(small),
+                "codes": codes, "cuv": cuv, "ndet": ndet, "cands": cands, "params": params,
+                "names": np.array([d.name for d in dets] + [None], dtype=object)}
 
-    def focal_to_detector_index(self, x, y, chunk: int = 1 << 16):
+    def focal_to_detector_index(self, x, y,
+                                chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`focal_to_detector` but returns detector numbers (-1 in gaps).
 
         Parameters
@@ -491,71 +487,70 @@ class Camera:
         idx = np.empty(n, dtype=np.intp)
         px = np.empty(n)
         py = np.empty(n)
-        with np.errstate(invalid="ignore"):  # NaN positions compare False: fine
-            for s in range(0, n, chunk):
-                sl = slice(s, min(n, s + chunk))
-                self._locate(lk, x[sl], y[sl], idx[sl], px[sl], py[sl])
+        m = max(1, min(n, chunk))
+        # scratch space, reused by every chunk
+        buf = (np.empty((2, m), dtype=np.intp), np.empty((2, m), dtype=lk["xmap"].dtype),
+               np.empty((m, 2)))
+        # the few points that need the inside test go in batches of several chunks: numpy's
+        # per-call overhead would cost more than their arithmetic
+        batch = 8 * m
+        with np.errstate(invalid="ignore"):  # NaN positions compare False, cast anyhow: fine
+            for b in range(0, n, batch):
+                be = min(n, b + batch)
+                for s in range(b, be, m):
+                    e = min(n, s + m)
+                    self._locate(lk, x[s:e], y[s:e], idx[s:e], px[s:e], py[s:e], buf)
+                pos = np.flatnonzero(idx[b:be] >= lk["ndet"])
+                if pos.size:
+                    self._resolve(lk, x[b:be], y[b:be], idx[b:be], px[b:be], py[b:be], pos)
         return idx.reshape(shape), px.reshape(shape), py.reshape(shape)
 
     @staticmethod
-    def _locate(lk, x, y, idx, px, py) -> None:
-        inv = lk["inv"]
-        ncy, ncx = lk["shape"]
-        # cell of each point; far-away points are clipped onto the empty border of the grid.
-        # NaN survives the clip and casts to INT_MIN (x86) or 0 (ARM): either way the cell
-        # index ends up in row 0, column 0 or below 0 (clipped by take), all empty cells
-        fx = np.subtract(x, lk["xmin"])
-        fx *= inv
-        np.clip(fx, 0.0, ncx - 1, out=fx)
-        fy = np.subtract(y, lk["ymin"])
-        fy *= inv
-        np.clip(fy, 0.0, ncy - 1, out=fy)
-        cell = fy.astype(np.intp)
-        cell *= ncx
-        cell += fx.astype(np.intp)
-        # a small int16 table stays in cache; one cast to intp saves casts in the takes below
-        code = lk["codes"].take(cell, mode="clip").astype(np.intp)
-        idx[:] = code
-        tmp = lk["cu"].take(code)
+    def _locate(lk, x, y, idx, px, py, buf) -> None:
+        """The fast path for one chunk: code and fast-path pixel of every point."""
+        m = x.size
+        ci, cell = buf[0][0, :m], buf[0][1, :m]
+        cx, cy = buf[1][0, :m], buf[1][1, :m]
+        # table cell of each point: class along x plus class along y (premultiplied by the
+        # row length). NaN and far-away values cast to an integer off the grid (INT_MIN on
+        # x86; saturated, or 0 for NaN, on ARM) that the clip sends to an end cell of the
+        # axis, beyond every detector
         np.multiply(x, lk["scale"], out=px)
-        px += tmp
-        lk["cv"].take(code, out=tmp)
+        np.add(px, lk["xoff"], out=ci, casting="unsafe")
+        lk["xmap"].take(ci, mode="clip", out=cx)
         np.multiply(y, lk["scale"], out=py)
-        py += tmp
-        ndet = lk["ndet"]
-        pos = np.flatnonzero(code >= ndet)
-        if pos.size == 0:
-            return
-        # cells that need the inside test: one candidate (edges, rotated sensors) ...
-        sub = code[pos] - ndet
-        one = sub < ndet
-        p1, d1 = pos[one], sub[one]
-        pr = lk["params"]
-        xs, ys = x[p1], y[p1]
-        u = pr[0].take(d1) * xs + pr[1].take(d1) * ys + pr[2].take(d1)
-        v = pr[3].take(d1) * xs + pr[4].take(d1) * ys + pr[5].take(d1)
-        hit = (u >= -0.5) & (u < pr[6].take(d1)) & (v >= -0.5) & (v < pr[7].take(d1))
-        idx[p1] = np.where(hit, d1, -1)
-        px[p1] = np.where(hit, u, np.nan)
-        py[p1] = np.where(hit, v, np.nan)
-        if one.all():
-            return
-        # ... and cells several detectors touch: try each candidate in turn
-        pm = pos[~one]
-        table = lk["table"]
-        cpos = cell[pm]
-        xs, ys = x[pm], y[pm]
-        ri = np.full(pm.size, -1, dtype=np.intp)
-        ru = np.full(pm.size, np.nan)
-        rv = np.full(pm.size, np.nan)
-        for level in range(table.shape[1]):
-            cand = table[cpos, level].astype(np.intp)
-            p = pr[:, cand]  # cand == -1 picks the last detector; masked below
-            u = p[0] * xs + p[1] * ys + p[2]
-            v = p[3] * xs + p[4] * ys + p[5]
-            hit = (cand >= 0) & (ri < 0) & (u >= -0.5) & (u < p[6]) & (v >= -0.5) & (v < p[7])
-            ri[hit], ru[hit], rv[hit] = cand[hit], u[hit], v[hit]
-        idx[pm], px[pm], py[pm] = ri, ru, rv
+        np.add(py, lk["yoff"], out=ci, casting="unsafe")
+        lk["ymap"].take(ci, mode="clip", out=cy)
+        np.add(cx, cy, out=cell)
+        lk["codes"].take(cell, mode="clip", out=idx)
+        # pixel = focal * scale + c: exact where the fast path applies, NaN elsewhere
+        c = lk["cuv"].take(cell, axis=0, mode="clip", out=buf[2][:m])
+        px += c[:, 0]
+        py += c[:, 1]
+
+    @staticmethod
+    def _resolve(lk, x, y, idx, px, py, pos) -> None:
+        """Points ``pos`` (edge cells, rotated sensors): try each candidate detector in turn."""
+        xs, ys = x.take(pos), y.take(pos)
+        for level, cand in enumerate(lk["cands"].take(idx.take(pos), axis=0).T):
+            p = lk["params"].take(cand, axis=0).T  # cand -1: the last row, NaN, never hit
+            u = p[0] * xs
+            u += p[1] * ys
+            u += p[2]
+            v = p[3] * xs
+            v += p[4] * ys
+            v += p[5]
+            hit = u >= -0.5
+            hit &= u < p[6]
+            hit &= v >= -0.5
+            hit &= v < p[7]
+            if level == 0:
+                ri = np.where(hit, cand, -1)
+                ru, rv = np.where(hit, u, np.nan), np.where(hit, v, np.nan)
+            else:
+                hit &= ri < 0
+                ri[hit], ru[hit], rv[hit] = cand[hit], u[hit], v[hit]
+        idx[pos], px[pos], py[pos] = ri, ru, rv
 
     def focal_to_detector(self, x, y):
         """The detector and CCD pixel under each focal-plane position.
@@ -574,7 +569,7 @@ class Camera:
         """
         xa, ya, scalar = _xy(x, y)
         idx, px, py = self.focal_to_detector_index(xa, ya)
-        names = self._lookup["names"][idx]
+        names = self._lookup["names"].take(idx)  # take: a little faster than fancy indexing
         if scalar:
             return names, float(px), float(py)  # a 0-d index gives the name itself
         return names, px, py
@@ -631,6 +626,48 @@ def _xy(x, y):
         except ValueError:
             raise InputError(f"x and y have different shapes {xa.shape} and {ya.shape}") from None
     return xa, ya, scalar
+
+
+def _axis_classes(edges: np.ndarray, cell: float,
+                  margin: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """Cut one focal-plane axis into classes of cells, for :attr:`Camera._lookup`.
+
+    The axis is covered by uniform cells of ``cell`` mm from ``lo``; a cell is an
+    *edge cell* when it lies within ``margin`` of one of ``edges``. Each maximal
+    run of edge cells, and each run of other cells (an interval between edges:
+    all its points are on the same side of every edge), is a class.
+
+    Parameters
+    ----------
+    edges : array_like
+        Positions (mm) of the detector edges along the axis.
+    cell : float
+        Cell size (mm).
+    margin : float
+        Distance (mm) from an edge within which a cell counts as an edge cell.
+
+    Returns
+    -------
+    lo : float
+        Position (mm) of the start of cell 0.
+    classes : ndarray of intp
+        Class of each cell; the first and the last cell lie beyond every edge.
+    ranges : ndarray, shape (n_classes, 2)
+        ``[start, end)`` (mm) of the cells of each class; the end classes reach to
+        infinity, as positions off the grid are clipped onto its end cells.
+    """
+    edges = np.asarray(edges, dtype=float)
+    lo = edges.min() - 2 * cell
+    n = int(math.ceil((edges.max() - lo) / cell)) + 3
+    near = np.zeros(n + 1, dtype=np.intp)  # +1 at the first cell near an edge, -1 after the last
+    np.add.at(near, ((edges - margin - lo) // cell).astype(np.intp), 1)
+    np.add.at(near, ((edges + margin - lo) // cell).astype(np.intp) + 1, -1)
+    is_edge = np.cumsum(near[:n]) > 0
+    start = np.r_[True, is_edge[1:] != is_edge[:-1]]
+    bounds = np.r_[np.flatnonzero(start), n]
+    ranges = lo + cell * np.c_[bounds[:-1], bounds[1:]]
+    ranges[0, 0], ranges[-1, 1] = -np.inf, np.inf
+    return lo, np.cumsum(start) - 1, ranges
 
 
 def _out(scalar: bool, *arrays):
