@@ -129,3 +129,62 @@ def test_fast_nanmedian_matches_numpy():
         np.testing.assert_allclose(_nanmedian(a, axis), expected, equal_nan=True)
 
     check()
+
+
+def _reference_scales(f, stat, sigma=4.0, maxiter=50, tol=1e-10):
+    """The estimator written plainly on whole arrays (what the blocked one must equal)."""
+    finite = np.isfinite(f) & (f > 0)
+    used = finite.copy()
+    s, F = np.ones(f.shape[1]), np.full(f.shape[0], np.nan)
+    for it in range(1, maxiter + 1):
+        fu = np.where(used, f, 0.0)
+        w = used.astype(float)
+        with np.errstate(all="ignore"):
+            F_new = (fu @ (1 / s)) / w.sum(1)
+            s_new = (np.where(np.isfinite(F_new), 1 / F_new, 0) @ fu) / w.sum(0)
+        norm = np.median(s_new)
+        s_new, F_new = s_new / norm, F_new * norm
+        new_used = used
+        if stat == "clipped":
+            resid = np.where(finite, f, 0.0) / F_new[:, None] / s_new[None, :] - 1
+            with np.errstate(all="ignore"):
+                if it == 1:
+                    scale = 1.4826 * np.nanmedian(np.abs(np.where(used, resid, np.nan)), axis=1)
+                else:
+                    scale = np.nanstd(np.where(used, resid, np.nan), axis=1, ddof=1)
+            new_used = finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12)[:, None])
+        with np.errstate(all="ignore"):
+            d = max(np.nanmax(np.abs(F_new / F - 1)) if np.isfinite(F).any() else np.inf,
+                    np.nanmax(np.abs(s_new / s - 1)))
+        F, s = F_new, s_new
+        changed = not np.array_equal(new_used, used)
+        used = new_used
+        if not changed and d < tol and it > 1:
+            break
+    return F, s, used
+
+
+@pytest.mark.parametrize("stat", ["mean", "clipped"])
+def test_blocked_estimator_matches_plain_reference(stat):
+    """Blocks of spots (and odd block sizes) give the whole-array answer."""
+    F0, s0, f, _ = truth(301, 37, seed=4, noise=0.01, missing=0.05, outliers=0)
+    f[np.random.default_rng(1).random(f.shape) < 0.01] *= 3.0
+    Fr, sr, ur = _reference_scales(f, stat)
+    F, s, used, niter, ok = estimate_scales(f, stat=stat)
+    assert ok
+    np.testing.assert_array_equal(used, ur)
+    np.testing.assert_allclose(F, Fr, rtol=1e-12)
+    np.testing.assert_allclose(s, sr, rtol=1e-12)
+
+
+def test_exposure_without_points_does_not_poison_the_rest():
+    """An exposure with no usable spot gets s = NaN; every other s and F stays right."""
+    F0, s0, f, _ = truth(200, 12, seed=8, noise=0.005, missing=0.0, outliers=0)
+    f[:, 4] = np.nan
+    for stat in ("mean", "clipped", "median"):
+        F, s, used, niter, ok = estimate_scales(f, stat=stat)
+        assert np.isnan(s[4]) and not used[:, 4].any()
+        keep = np.arange(12) != 4
+        norm = np.median(s0[keep])
+        np.testing.assert_allclose(s[keep], s0[keep] / norm, rtol=0.01)
+        np.testing.assert_allclose(F, F0 * norm, rtol=0.01)

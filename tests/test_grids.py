@@ -153,3 +153,45 @@ def test_gzip_file_falls_back(tmp_path):
     gz.write_bytes(gzip.compress(p.read_bytes()))
     np.testing.assert_array_equal(read_grid_file(gz).values["flux"], read_grid_file(p).values["flux"])
     assert parse_filename(gz)["detector"] == "R22_S11"
+
+
+def test_fast_header_parser_matches_astropy(real_catalogue, tmp_path):
+    """Every keyword value of every HDU agrees with astropy's header."""
+    from astropy.io import fits as afits
+
+    from spotflat.fitstable import FitsFile
+
+    p = tmp_path / "cards.fits"
+    hdr = afits.Header()
+    hdr["STR"] = ("it''s END here", "a comment / with a slash")
+    hdr["NEG"] = -42
+    hdr["FLT"] = 1.5e-7
+    hdr["EXPD"] = 1e300
+    hdr["LOGT"], hdr["LOGF"] = True, False
+    hdr["HIERARCH LONG KEYWORD NAME"] = 3.25
+    hdr["COMMENT"] = "KEY     = 'not a card'"
+    afits.HDUList([afits.PrimaryHDU(header=hdr), afits.BinTableHDU.from_columns(
+        [afits.Column(name="a", format="D", array=np.arange(3.0))])]).writeto(p)
+    for path in (real_catalogue, p):
+        ff = FitsFile(path)
+        with afits.open(path) as hdul:
+            assert len(ff.headers) == len(hdul)
+            for ours, theirs in zip(ff.headers, hdul):
+                keys = [k for k in theirs.header if k not in ("COMMENT", "HISTORY", "")]
+                assert sorted(ours) == sorted(set(keys))
+                for k in keys:
+                    assert ours[k] == theirs.header[k], k
+    assert FitsFile(p).headers[0]["LONG KEYWORD NAME"] == 3.25
+
+
+def test_fast_header_parser_truncated(tmp_path):
+    from spotflat.fitstable import FitsFile, Unsupported
+
+    p = tmp_path / "cut.fits"
+    write_dm(p, grid_params(3, 3), np.arange(1.0, 10.0))
+    raw = p.read_bytes()
+    end = raw.index(b"END" + b" " * 77)
+    for cut in (end, end + 80, 2880 * 2 + 100, len(raw) - 3000):
+        p.write_bytes(raw[:cut])
+        with pytest.raises(Unsupported):
+            FitsFile(p)

@@ -50,7 +50,12 @@ _MEDIAN_EFF = np.sqrt(np.pi / 2.0)
 def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
     """NaN-aware median along ``axis`` by one sort (numpy's nanmedian loops over rows)."""
     a = np.sort(np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1), axis=-1)  # NaNs sort last
-    n = np.isfinite(a).sum(axis=-1)
+    return _sorted_median(a)
+
+
+def _sorted_median(a: np.ndarray) -> np.ndarray:
+    """Median of the finite values along the last axis of ``a``, sorted along it (NaNs last)."""
+    n = np.count_nonzero(np.isfinite(a), axis=-1)
     lo = np.maximum((n - 1) // 2, 0)[..., None]
     hi = np.maximum(n // 2, 0)[..., None]
     med = 0.5 * (np.take_along_axis(a, lo, -1) + np.take_along_axis(a, hi, -1))[..., 0]
@@ -61,6 +66,36 @@ def _robust_sigma(resid: np.ndarray, axis: int) -> np.ndarray:
     """Normalised median absolute deviation along ``axis`` (NaN-aware)."""
     with np.errstate(all="ignore"):
         return 1.4826 * np.expand_dims(_nanmedian(np.abs(resid), axis), axis)
+
+
+def _masked(out: np.ndarray, mask: np.ndarray, value, fill: float = 0.0) -> np.ndarray:
+    """``out[...] = where(mask, value, fill)`` without a temporary array.
+
+    ``value`` is an array or a ``callable(out, where)`` writing into ``out``.
+    The statistics below reuse one work array this way: on a [spot, exposure]
+    set of a few hundred MB, fresh temporaries cost more than the arithmetic.
+    """
+    out.fill(fill)
+    if callable(value):
+        value(out, mask)
+    else:
+        np.copyto(out, value, where=mask)
+    return out
+
+
+def _masked_std(buf: np.ndarray, mask: np.ndarray, axis: int, ddof: int) -> np.ndarray:
+    """Std along ``axis`` of the values in ``buf`` (zero where not ``mask``), two-pass as numpy's.
+
+    ``buf`` is overwritten. Equals ``np.nanstd(where(mask, a, nan), axis, ddof=ddof)``.
+    """
+    n = np.count_nonzero(mask, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = buf.sum(axis=axis) / n
+        buf -= np.expand_dims(mean, axis)
+        np.copyto(buf, 0.0, where=~mask)
+        np.multiply(buf, buf, out=buf)
+        var = buf.sum(axis=axis) / (n - ddof)
+        return np.where(n - ddof > 0, np.sqrt(var), np.nan)
 
 
 @contextlib.contextmanager
@@ -118,62 +153,110 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     f = np.asarray(flux, dtype=np.float64)
     if f.ndim != 2:
         raise InputError(f"flux must be 2-D [spot, exposure], got shape {f.shape}")
-    finite = np.isfinite(f) & (f > 0)
+    finite = np.isfinite(f)
+    finite &= f > 0
     if not finite.any():
         raise InputError("all fluxes are NaN or non-positive", expected="some measured spots")
-    used = finite.copy()
-    f0 = np.where(finite, f, 0.0)
-    s = np.ones(f.shape[1])
-    F = np.full(f.shape[0], np.nan)
-    w = used.astype(np.float64)
-    fw = f0.copy()
+    if stat == "median":
+        return _median_scales(f, finite, maxiter, tol)
+    clipped = stat == "clipped"
+    nspot, nexp = f.shape
+    # the work goes by blocks of spots: each block's temporaries stay in cache and
+    # no [spot, exposure]-sized array is made (fresh memory costs more than the sums)
+    blocks = [slice(r, min(r + _BLOCK_ROWS, nspot)) for r in range(0, nspot, _BLOCK_ROWS)]
+    used = finite
+    new_used = np.empty_like(finite) if clipped else finite
+    nk = np.count_nonzero(used, axis=1).astype(np.float64)  # points per spot
+    s = np.ones(nexp)
+    F = np.full(nspot, np.nan)
     converged = False
     it = 0
     for it in range(1, maxiter + 1):
-        if stat == "median":
-            fu = np.where(used, f, np.nan)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                F_new = _nanmedian(fu / s[None, :], 1)
-                s_new = _nanmedian(fu / F_new[:, None], 0)
-        else:  # masked sums as matrix-vector products: far faster than nanmean
-            with np.errstate(invalid="ignore", divide="ignore"):
-                F_new = (fw @ (1.0 / s)) / w.sum(axis=1)
-                known = np.isfinite(F_new)
-                invF = np.where(known, 1.0 / F_new, 0.0)
-                s_new = (invF @ fw) / (known.astype(np.float64) @ w)
-        norm = np.nanmedian(s_new)
+        F_new = np.empty(nspot)
+        acc = np.zeros(nexp)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            invs = np.where(np.isfinite(s), 1.0 / s, 0.0)  # an exposure with no points has no s
+            for b in blocks:  # F = sum_j f/s / n, then s = sum_k f/F / n
+                fb = np.where(used[b], f[b], 0.0)
+                Fb = F_new[b] = (fb @ invs) / nk[b]
+                acc += np.where(np.isfinite(Fb), 1.0 / Fb, 0.0) @ fb
+            known = np.isfinite(F_new)
+            s_new = acc / np.count_nonzero(used if known.all() else used[known], axis=0)
+        with _quiet():
+            norm = np.nanmedian(s_new)
         s_new, F_new = s_new / norm, F_new * norm
-        if stat == "clipped":
+        if clipped:
             with np.errstate(invalid="ignore", divide="ignore"):
-                resid = f0 * (1.0 / F_new)[:, None]
-                resid *= (1.0 / s_new)[None, :]
-                resid -= 1.0
-            if it == 1:  # robust first pass, so gross outliers cannot inflate the scale
-                scale = _robust_sigma(np.where(used, resid, np.nan), axis=1)
-            else:  # then the plain std of what is kept, as in classic sigma clipping
-                n = w.sum(axis=1, keepdims=True)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    r0 = resid * w
-                    mean = r0.sum(axis=1, keepdims=True) / n
-                    scale = np.sqrt(np.maximum((r0 * resid).sum(axis=1, keepdims=True) / n - mean ** 2, 0.0)
-                                    * n / (n - 1))
-            with np.errstate(invalid="ignore"):
-                new_used = finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12))
-        else:
-            new_used = used
+                invF, invs = 1.0 / F_new, 1.0 / s_new
+                for b in blocks:
+                    new_used[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma, robust=it == 1)
         with np.errstate(invalid="ignore", divide="ignore"), _quiet():
             dF = np.nanmax(np.abs(F_new / F - 1.0)) if np.isfinite(F).any() else np.inf
             ds = np.nanmax(np.abs(s_new / s - 1.0))
         F, s = F_new, s_new
-        changed = not np.array_equal(new_used, used)
+        changed = clipped and not np.array_equal(new_used, used)
         if changed:
-            used = new_used
-            w = used.astype(np.float64)
-            fw = f0 * w
+            if used is finite:
+                used = np.empty_like(finite)
+            used, new_used = new_used, used
+            nk = np.count_nonzero(used, axis=1).astype(np.float64)
         if not changed and max(dF, ds) < tol and it > 1:
             converged = True
             break
     return F, s, used, it, converged
+
+
+#: Spots per block in :func:`estimate_scales` (a block of 1400 exposures is ~0.7 MB).
+_BLOCK_ROWS = 64
+
+
+def _keep(f: np.ndarray, finite: np.ndarray, used: np.ndarray, invF: np.ndarray, invs: np.ndarray,
+          sigma: float, robust: bool) -> np.ndarray:
+    """Sigma-clipping test of one block of spots against the model ``F s``.
+
+    The scale is the normalised MAD of the points in use (``robust``, the first
+    pass, so gross outliers cannot inflate it), otherwise their plain std, as
+    in classic sigma clipping.
+    """
+    resid = np.where(finite, f, 0.0) * invF[:, None]
+    resid *= invs[None, :]
+    resid -= 1.0
+    if robust:
+        a = np.abs(resid)
+        np.copyto(a, np.nan, where=~used)
+        a.sort(axis=1)  # NaNs last
+        scale = 1.4826 * _sorted_median(a)[:, None]
+    else:
+        n = np.count_nonzero(used, axis=1)[:, None].astype(np.float64)
+        r0 = np.where(used, resid, 0.0)
+        mean = r0.sum(axis=1, keepdims=True) / n
+        r0 *= resid
+        scale = np.sqrt(np.maximum(r0.sum(axis=1, keepdims=True) / n - mean ** 2, 0.0) * n / (n - 1))
+    return finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12))
+
+
+def _median_scales(f: np.ndarray, finite: np.ndarray, maxiter: int, tol: float):
+    """:func:`estimate_scales` with ``stat="median"``."""
+    fu = np.where(finite, f, np.nan)
+    s = np.ones(f.shape[1])
+    F = np.full(f.shape[0], np.nan)
+    converged = False
+    it = 0
+    for it in range(1, maxiter + 1):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            F_new = _nanmedian(fu / s[None, :], 1)
+            s_new = _nanmedian(fu / F_new[:, None], 0)
+        with _quiet():
+            norm = np.nanmedian(s_new)
+        s_new, F_new = s_new / norm, F_new * norm
+        with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+            dF = np.nanmax(np.abs(F_new / F - 1.0)) if np.isfinite(F).any() else np.inf
+            ds = np.nanmax(np.abs(s_new / s - 1.0))
+        F, s = F_new, s_new
+        if max(dF, ds) < tol and it > 1:
+            converged = True
+            break
+    return F, s, finite, it, converged
 
 
 @dataclass
@@ -267,25 +350,6 @@ def check_matches(calib: Calibration, grids: SpotGrids) -> None:
         raise InputError(f"calibration is for {det}, spot data for {grids.detector}")
 
 
-def _spot_stats(r: np.ndarray, used: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean, median, clipped mean, std and count of ``r`` per spot over ``used``."""
-    finite = np.isfinite(r)
-    n_all = finite.sum(axis=1)
-    n = used.sum(axis=1)
-    r_all = np.where(finite, r, 0.0)
-    ru = np.where(used, r, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        clipped = ru.sum(axis=1) / n
-        var = ((ru - clipped[:, None]) ** 2 * used).sum(axis=1) / (n - 1)
-        return {
-            "mean": r_all.sum(axis=1) / n_all,
-            "median": _nanmedian(np.where(finite, r, np.nan), 1),
-            "clipped": clipped,
-            "std": np.where(n > 1, np.sqrt(var), np.nan),
-            "n": n,
-        }
-
-
 def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int = 3,
                       sigma: float = 4.0, maxiter: int = 50, tol: float = 1e-10) -> Calibration:
     """Build the calibration catalogue from stacked processed-grid data.
@@ -325,29 +389,37 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
                          expected="more dithers, or a lower --min-dithers")
     f = grids.flux
     F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol)
+    # every per-point quantity below goes through one work array (see _masked)
+    buf = np.empty_like(f)
+    measured = np.isfinite(f) & np.isfinite(s)[None, :]
+    n_all = np.count_nonzero(measured, axis=1)
+    n = np.count_nonzero(used, axis=1)
+
+    def scaled(out, where):  # f / s
+        np.divide(f, s[None, :], out=out, where=where)
+
+    def throughput(out, where):  # t = f / (F s)
+        np.multiply(F[:, None], s[None, :], out=out, where=where)
+        np.divide(f, out, out=out, where=where)
+
+    def mean_used(a) -> np.ndarray:
+        return _masked(buf, used, a).sum(axis=1) / n
+
+    def std_used(a, ddof: int = 0) -> np.ndarray:
+        return _masked_std(_masked(buf, used, a), used, axis=1, ddof=ddof)
+
     with np.errstate(invalid="ignore", divide="ignore"):
-        fs = f / s[None, :]
-        t = f / (F[:, None] * s[None, :])
-    st = _spot_stats(fs, used)
-    n = st["n"]
+        flux_mean = _masked(buf, measured, scaled).sum(axis=1) / n_all
+        flux_clipped = mean_used(scaled)
+        flux_std = std_used(scaled, ddof=1)
+        _masked(buf, measured, scaled, fill=np.nan).sort(axis=1)  # NaNs last
+        flux_median = _sorted_median(buf)
     eff = _MEDIAN_EFF if stat == "median" else 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        flux_err = eff * st["std"] / np.sqrt(n)
+        flux_err = eff * flux_std / np.sqrt(n)
     valid = (n >= min_dithers) & np.isfinite(F)
     ncols, nrows = grids.grid_shape
     k = np.arange(grids.nspot)
-
-    nused = used.sum(axis=1)
-
-    def mean_used(a: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(used, a, 0.0).sum(axis=1) / nused
-
-    def std_used(a: np.ndarray) -> np.ndarray:
-        a0 = np.where(used, a, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m = a0.sum(axis=1) / nused
-            return np.sqrt(np.maximum((a0 * a0).sum(axis=1) / nused - m * m, 0.0))
 
     spots = Table()
     spots["spotgrid_index"] = k
@@ -355,19 +427,20 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     spots["grid_row"] = k % nrows
     spots["flux"] = np.where(valid, F, np.nan)
     spots["flux_err"] = np.where(valid, flux_err, np.nan)
-    spots["flux_std"] = st["std"]
-    spots["flux_mean"] = st["mean"]
-    spots["flux_median"] = st["median"]
-    spots["flux_clipped"] = st["clipped"]
+    spots["flux_std"] = flux_std
+    spots["flux_mean"] = flux_mean
+    spots["flux_median"] = flux_median
+    spots["flux_clipped"] = flux_clipped
     spots["ndither"] = n.astype(np.int64)
-    spots["nmeasured"] = np.isfinite(f).sum(axis=1).astype(np.int64)
-    spots["x"] = mean_used(grids.x)
-    spots["y"] = mean_used(grids.y)
-    spots["x_std"] = std_used(grids.x)
-    spots["y_std"] = std_used(grids.y)
-    for q in ("dx", "dy", "xx", "yy", "xy"):
-        spots[q] = mean_used(getattr(grids, q))
-    spots["t_std"] = std_used(t)
+    spots["nmeasured"] = n_all.astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spots["x"] = mean_used(grids.x)
+        spots["y"] = mean_used(grids.y)
+        spots["x_std"] = std_used(grids.x)
+        spots["y_std"] = std_used(grids.y)
+        for q in ("dx", "dy", "xx", "yy", "xy"):
+            spots[q] = mean_used(getattr(grids, q))
+        spots["t_std"] = std_used(throughput)
     spots["valid"] = valid
     units = {"flux": "ct", "flux_err": "ct", "flux_std": "ct", "flux_mean": "ct", "flux_median": "ct",
              "flux_clipped": "ct", "x": "pix", "y": "pix", "x_std": "pix", "y_std": "pix",
@@ -377,31 +450,37 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     spots["flux"].description = f"F[k], {stat} of f/s over dithers"
 
     exposures = grids.exposures.copy()
-    with _quiet():
-        r = np.where(used & valid[:, None], f / F[:, None], np.nan)
-        nused = np.isfinite(r).sum(axis=0)
-        s_std = np.nanstd(r, axis=0, ddof=1)
+    good = used & valid[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nused = np.count_nonzero(good, axis=0)
         exposures["scale"] = s
         # s[j] is an average over spots of f/F: the fixed response pattern the
         # spots sample is common to all exposures and cancels, so only the
         # measurement noise moves s. Use the measured flux errors when the
         # files give them; otherwise the scatter over spots (conservative).
-        rel = grids.flux_err / f
-        m = used & valid[:, None] & np.isfinite(rel)
-        measured = m.sum() >= 0.9 * (used & valid[:, None]).sum() and m.any()
-        if measured:
-            n_m = m.sum(axis=0)
-            exposures["scale_err"] = eff * s * np.sqrt(np.where(m, rel ** 2, 0.0).sum(axis=0)) / n_m
-            n_k = m.sum(axis=1)
-            spots["flux_err_stat"] = np.where(valid, eff * F * np.sqrt(np.where(m, rel ** 2, 0.0).sum(axis=1))
-                                              / n_k, np.nan)
+        with_err = good & np.isfinite(grids.flux_err)
+        measured_err = np.count_nonzero(with_err) >= 0.9 * np.count_nonzero(good) and with_err.any()
+        if measured_err:
+            def rel2(out, where):  # (flux_err / f)^2
+                np.divide(grids.flux_err, f, out=out, where=where)
+                np.multiply(out, out, out=out)
+
+            _masked(buf, with_err, rel2)
+            exposures["scale_err"] = eff * s * np.sqrt(buf.sum(axis=0)) / np.count_nonzero(with_err, axis=0)
+            spots["flux_err_stat"] = np.where(valid, eff * F * np.sqrt(buf.sum(axis=1))
+                                              / np.count_nonzero(with_err, axis=1), np.nan)
         else:
+            def ratio(out, where):  # f / F
+                np.divide(f, F[:, None], out=out, where=where)
+
+            s_std = _masked_std(_masked(buf, good, ratio), good, axis=0, ddof=1)
             exposures["scale_err"] = eff * s_std / np.sqrt(nused)
             spots["flux_err_stat"] = np.full(len(F), np.nan)
         spots["flux_err_stat"].unit = "ct"
         spots["flux_err_stat"].description = "error of F[k] from the measured flux errors only"
         exposures["nused"] = nused.astype(np.int64)
-        exposures["t_std"] = np.nanstd(np.where(used & valid[:, None], t, np.nan), axis=0)
+        exposures["t_std"] = _masked_std(_masked(buf, good, throughput), good, axis=0, ddof=0)
+    del buf
     exposures["scale"].description = "s[j], exposure scale, median(s) = 1"
 
     paths = [Path(p) for p in grids.exposures["path"]]
@@ -418,7 +497,7 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         "NITER": int(niter),
         "CONVERGD": bool(converged),
         "INPUTDIR": common,
-        "SERRMETH": "measured" if measured else "scatter",
+        "SERRMETH": "measured" if measured_err else "scatter",
     }
     return Calibration(spots=spots, exposures=exposures, meta=meta)
 

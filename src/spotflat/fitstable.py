@@ -13,6 +13,7 @@ raises :class:`Unsupported`, and callers fall back to astropy.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,9 +23,16 @@ __all__ = ["Unsupported", "FitsFile", "read_fits"]
 
 _BLOCK = 2880
 _CARD = 80
+_INT = re.compile(r"[-+]?\d+")
+_CONTINUE = re.compile(r"CONTINUE  '")
 _TFORM = re.compile(r"^\s*(\d*)([LXBIJKEDAM])")
 _DTYPES = {"L": "i1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8", "A": "S1"}
 _WIDTH = {"L": 1, "B": 1, "I": 2, "J": 4, "K": 8, "E": 4, "D": 8, "A": 1, "M": 16}
+
+
+# column layouts already parsed, by their header cards (see FitsFile._layout)
+_LAYOUTS: dict = {}
+_COLUMN_KEYS = frozenset(("TTYPE", "TFORM", "TSCAL", "TZERO"))
 
 
 class Unsupported(Exception):
@@ -42,10 +50,8 @@ def _value(raw: str):
     raw = raw.split("/", 1)[0].strip()
     if raw in ("T", "F"):
         return raw == "T"
-    try:
+    if _INT.fullmatch(raw):  # test first: a failed int() costs an exception per float card
         return int(raw)
-    except ValueError:
-        pass
     try:
         return float(raw.replace("D", "E"))
     except ValueError:
@@ -55,58 +61,113 @@ def _value(raw: str):
 class _Header(dict):
     """Header keywords of one HDU, plus where its data starts.
 
-    Values are kept as the card text and parsed on first access: a catalogue
-    header has hundreds of cards and a reader needs a dozen of them.
+    The dict holds each card's raw value text; indexing parses it on first
+    access (a catalogue header has hundreds of cards and a reader needs a
+    dozen of them).
     """
 
     data_start: int = 0
     data_size: int = 0
+    layout: tuple | None = None  # a binary table's column layout, once parsed
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._parsed: dict = {}
 
     def __getitem__(self, key):
-        value = dict.__getitem__(self, key)
-        if isinstance(value, _Raw):
-            value = _value(value)
-            dict.__setitem__(self, key, value)
-        return value
+        try:
+            return self._parsed[key]
+        except KeyError:
+            value = self._parsed[key] = _value(dict.__getitem__(self, key))
+            return value
 
     def get(self, key, default=None):
         return self[key] if key in self else default
 
+    def raw(self, key: str) -> str | None:
+        """The unparsed value text of ``key`` (None when absent)."""
+        return dict.get(self, key)
 
-class _Raw(str):
-    """An unparsed header value."""
+
+# One 80-character card: ``KEY     = value`` (key left-justified in columns 1-8,
+# "= " in 9-10) gives (key, value text); any other card gives ("", "").
+# findall over a whole header runs at C speed: no Python loop over cards.
+_CARDS = re.compile(r"(?s)(?=.{8}= )(\S{1,8}) *= (.{70})|.{80}")
+
+
+def _join_continued(hdr: _Header, text: str) -> None:
+    """Long string values: ``KEY = 'part&'`` then ``CONTINUE  'rest'`` cards.
+
+    Only the cards around each ``CONTINUE`` are looked at: DM catalogues have
+    a few long ``TDOC`` strings among hundreds of cards.
+    """
+    starts = [m.start() for m in _CONTINUE.finditer(text) if m.start() % _CARD == 0]
+    done = set()
+    for c in starts:
+        if c in done or c == 0:
+            continue
+        head = text[c - _CARD:c]
+        key = head[:8].rstrip()
+        if head[8:10] != "= " or key not in hdr:
+            continue
+        parts = [_value(head[10:])]
+        while c < len(text) and text.startswith("CONTINUE  '", c) and isinstance(parts[-1], str) \
+                and parts[-1].endswith("&"):
+            parts.append(_value(text[c + 10:c + _CARD]))
+            done.add(c)
+            c += _CARD
+        if len(parts) > 1 and all(isinstance(p, str) for p in parts):
+            joined = "".join(p[:-1] for p in parts[:-1]) + parts[-1]
+            dict.__setitem__(hdr, key, "'" + joined.replace("'", "''") + "'")
+            hdr._parsed.pop(key, None)
 
 
 def _parse_header(buf: memoryview | bytes, start: int) -> _Header:
-    hdr = _Header()
-    pos = start
     n = len(buf)
-    while True:
-        if pos + _BLOCK > n:
+    pos = start
+    while True:  # the END card: "END" in columns 1-8 of a card
+        i = buf.find(b"END", pos)
+        if i < 0:
             raise Unsupported("header runs past the end of the file (truncated?)")
-        block = bytes(buf[pos:pos + _BLOCK]).decode("ascii", "replace")
-        pos += _BLOCK
-        for i in range(0, _BLOCK, _CARD):
-            card = block[i:i + _CARD]
-            key = card[:8].rstrip()
-            if key == "END":
-                hdr.data_start = pos
-                naxis = hdr.get("NAXIS", 0)
-                size = 0
-                if naxis:
-                    size = abs(hdr.get("BITPIX", 8)) // 8
-                    for ax in range(1, naxis + 1):
-                        size *= hdr.get(f"NAXIS{ax}", 0)
-                    size = hdr.get("GCOUNT", 1) * (hdr.get("PCOUNT", 0) + size)
-                hdr.data_size = size
-                return hdr
-            if key == "HIERARCH":
-                body = card[9:]
-                if "=" in body:
-                    k, v = body.split("=", 1)
-                    hdr[k.strip()] = _Raw(v)
-            elif card[8:10] == "= " and key:
-                hdr[key] = _Raw(card[10:])
+        if (i - start) % _CARD == 0 and buf[i + 3:i + 8] == b"     ":
+            break
+        pos = i + 1
+    data_start = start + ((i - start) // _BLOCK + 1) * _BLOCK
+    if data_start > n:
+        raise Unsupported("header runs past the end of the file (truncated?)")
+    text = bytes(buf[start:i]).decode("latin-1")
+    hdr = _Header(_CARDS.findall(text))
+    hdr.pop("", None)
+    if "CONTINUE  '" in text:
+        _join_continued(hdr, text)
+    if "HIERARCH " in text:  # rare in these files: a Python loop is fine
+        for c in range(0, len(text), _CARD):
+            if text.startswith("HIERARCH ", c) and "=" in text[c + 9:c + _CARD]:
+                k, v = text[c + 9:c + _CARD].split("=", 1)
+                dict.__setitem__(hdr, k.strip(), v)
+    hdr.data_start = data_start
+    naxis = hdr.get("NAXIS", 0)
+    size = 0
+    if naxis:
+        size = abs(hdr.get("BITPIX", 8)) // 8
+        for ax in range(1, naxis + 1):
+            size *= hdr.get(f"NAXIS{ax}", 0)
+        size = hdr.get("GCOUNT", 1) * (hdr.get("PCOUNT", 0) + size)
+    hdr.data_size = size
+    return hdr
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The whole file, in four system calls (``open().read()`` makes nine)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        parts = [os.read(fd, size)]
+        while len(parts[-1]) and sum(map(len, parts)) < size:  # short reads: pipes, network files
+            parts.append(os.read(fd, size))
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class FitsFile:
@@ -125,10 +186,11 @@ class FitsFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        with open(self.path, "rb") as fh:
-            self.buf = fh.read()
+        self.buf = _read_bytes(self.path)
         if not self.buf.startswith(b"SIMPLE  ="):
             raise Unsupported("not a plain FITS file")
+        if len(self.buf) % _BLOCK:
+            raise Unsupported("file size is not a whole number of 2880-byte blocks (truncated?)")
         self.headers: list[_Header] = []
         pos = 0
         while pos < len(self.buf):
@@ -150,35 +212,59 @@ class FitsFile:
 
     def colnames(self, hdu: int) -> list[str]:
         """Column names of binary table ``hdu``."""
+        return list(self._layout(hdu)[0])
+
+    def _layout(self, hdu: int) -> tuple[dict, int]:
+        """``({name: (code, repeat, offset, scaled)}, row width)`` of table ``hdu``.
+
+        Cached by the raw column cards: the files of one run share a layout,
+        and parsing it costs more than reading the columns.
+        """
         h = self.headers[hdu]
-        return [str(h.get(f"TTYPE{i}", "")).strip() for i in range(1, h.get("TFIELDS", 0) + 1)]
+        if str(h.get("XTENSION", "")).strip() != "BINTABLE":
+            raise Unsupported(f"HDU {hdu} is not a binary table")
+        if h.layout is not None:
+            return h.layout
+        nfield = h.get("TFIELDS", 0)
+        key = (h.raw("NAXIS1"), nfield, tuple(kv for kv in dict.items(h) if kv[0][:5] in _COLUMN_KEYS))
+        hit = _LAYOUTS.get(key)
+        if hit is not None:
+            h.layout = hit
+            return hit
+        fields, offset = {}, 0
+        for i in range(1, nfield + 1):
+            name = str(h.get(f"TTYPE{i}", "")).strip()
+            m = _TFORM.match(str(h.get(f"TFORM{i}", "")))
+            if m is None:
+                raise Unsupported(f"column format {h.get(f'TFORM{i}')!r}")
+            repeat = int(m.group(1) or 1)
+            code = m.group(2)
+            scaled = any(f"{k}{i}" in h for k in ("TSCAL", "TZERO"))
+            fields[name] = (code, repeat, offset, scaled)
+            offset += (repeat + 7) // 8 if code == "X" else repeat * _WIDTH[code]
+        if offset != h.get("NAXIS1"):
+            raise Unsupported("row width does not match the column formats")
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = h.layout = (fields, offset)
+        return h.layout
 
     def columns(self, hdu: int, names: list[str]) -> dict[str, np.ndarray]:
         """Read ``names`` from binary table ``hdu`` as native-endian arrays.
 
         Missing names are simply absent from the result.
         """
+        layout, width = self._layout(hdu)
         h = self.headers[hdu]
-        if h.get("XTENSION", "").strip() != "BINTABLE":
-            raise Unsupported(f"HDU {hdu} is not a binary table")
-        width, nrows = h["NAXIS1"], h["NAXIS2"]
-        wanted = set(names)
-        fields, offset = {}, 0
-        for i in range(1, h.get("TFIELDS", 0) + 1):
-            name = str(h.get(f"TTYPE{i}", "")).strip()
-            m = _TFORM.match(str(h[f"TFORM{i}"]))
-            if m is None:
-                raise Unsupported(f"column format {h[f'TFORM{i}']!r}")
-            repeat = int(m.group(1) or 1)
-            code = m.group(2)
-            nbytes = (repeat + 7) // 8 if code == "X" else repeat * _WIDTH[code]
-            if name in wanted:
-                if code in ("X", "M") or repeat != 1 or any(f"{k}{i}" in h for k in ("TSCAL", "TZERO")):
-                    raise Unsupported(f"column {name!r} is not a plain scalar")
-                fields[name] = (np.dtype(_DTYPES[code]), offset)
-            offset += nbytes
-        if offset != width:
-            raise Unsupported("row width does not match the column formats")
+        nrows = h["NAXIS2"]
+        fields = {}
+        for name in names:
+            if name not in layout:
+                continue
+            code, repeat, offset, scaled = layout[name]
+            if code in ("X", "M") or repeat != 1 or scaled:
+                raise Unsupported(f"column {name!r} is not a plain scalar")
+            fields[name] = (_DTYPES[code], offset)
         rec = np.dtype({"names": list(fields), "formats": [d for d, _ in fields.values()],
                         "offsets": [o for _, o in fields.values()], "itemsize": width})
         data = np.frombuffer(self.buf, dtype=rec, count=nrows, offset=h.data_start)
