@@ -188,3 +188,32 @@ def test_exposure_without_points_does_not_poison_the_rest():
         norm = np.median(s0[keep])
         np.testing.assert_allclose(s[keep], s0[keep] / norm, rtol=0.01)
         np.testing.assert_allclose(F, F0 * norm, rtol=0.01)
+
+
+def test_relative_throughput_drops_exactly_the_clipped_points(tmp_path):
+    """t is NaN exactly where the estimator did not use a point, also after a FITS round trip."""
+    write_run(tmp_path / "d", nexp=30, ncols=12, nrows=12, seed=9, noise=0.01, outliers=8)
+    grids = spotflat.read_grids(tmp_path / "d")
+    cal = spotflat.build_calibration(grids, stat="clipped", min_dithers=3)
+    assert cal.used.shape == grids.flux.shape
+    assert (np.isfinite(grids.flux) & ~cal.used).sum() >= 8  # the outliers were clipped
+    t = cal.relative_throughput(grids)
+    np.testing.assert_array_equal(np.isfinite(t), cal.used)
+    write_calibration(cal, tmp_path / "c.fits")
+    back = read_calibration(tmp_path / "c.fits")
+    np.testing.assert_array_equal(back.used, cal.used)
+    np.testing.assert_array_equal(back.relative_throughput(grids), t)
+    # a catalogue without the mask (ECSV) falls back to the robust pass
+    write_calibration(cal, tmp_path / "e.fits", ecsv=True)
+    old = read_calibration(tmp_path / "e_spots.ecsv")
+    assert old.used is None
+    t_old = old.relative_throughput(grids)
+    assert abs(np.isfinite(t_old).sum() - cal.used.sum()) <= 0.01 * cal.used.size
+    # a mask of the wrong shape is an error naming the file
+    from astropy.io import fits
+
+    with fits.open(tmp_path / "c.fits") as hdul:
+        hdul["USED"].header["NEXP"] = 29
+        hdul.writeto(tmp_path / "bad.fits")
+    with pytest.raises(InputError, match="USED mask.*bad.fits|bad.fits.*USED mask"):
+        read_calibration(tmp_path / "bad.fits")

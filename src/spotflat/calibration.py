@@ -278,11 +278,17 @@ class Calibration:
         ``scale`` (``s[j]``), ``scale_err``, ``nused`` and ``t_std``.
     meta : dict
         Provenance: statistic, flux column, detector, input count, ...
+    used : numpy.ndarray of bool or None
+        ``[spot, exposure]``: the points the estimate of ``F`` and ``s`` used
+        (measured, positive and not clipped). Stored in the FITS catalogue
+        (HDU ``USED``); None for a catalogue read from ECSV or written by an
+        earlier spotflat.
     """
 
     spots: Table
     exposures: Table
     meta: dict = field(default_factory=dict)
+    used: np.ndarray | None = None
 
     @property
     def detector(self) -> str:
@@ -308,11 +314,12 @@ class Calibration:
             The stacked measurements the catalogue was built from (same
             exposures, in the same order: checked by file name).
         clip : bool
-            For a clipped catalogue, set points more than the catalogue's
-            clipping threshold (``SIGCLIP``) robust (MAD) standard deviations
-            from their spot's mean to NaN. This is the estimator's first,
-            robust rejection pass; its later passes (std of the kept points)
-            are not repeated, so the set can differ by a few marginal points.
+            For a clipped catalogue, set the points the estimator rejected to
+            NaN (:attr:`used`), so that ``t`` holds exactly the points ``F``
+            and ``s`` were made from. A catalogue without :attr:`used` (ECSV,
+            or older files) falls back to the estimator's first, robust pass:
+            points more than ``SIGCLIP`` robust (MAD) standard deviations from
+            their spot's mean; that set can differ by a few marginal points.
 
         Returns
         -------
@@ -326,7 +333,11 @@ class Calibration:
         with np.errstate(invalid="ignore", divide="ignore"):
             t = grids.flux / (self.F[:, None] * self.s[None, :])
         t[~np.isfinite(t)] = np.nan
-        if clip and self.meta.get("STAT") == "clipped":
+        if clip and self.meta.get("STAT") == "clipped" and self.used is not None:
+            if self.used.shape != t.shape:
+                raise InputError(f"catalogue's USED mask has shape {self.used.shape}, spot data {t.shape}")
+            t[~self.used] = np.nan
+        elif clip and self.meta.get("STAT") == "clipped":
             sig = float(self.meta.get("SIGCLIP", 4.0))
             scale = _robust_sigma(t - 1.0, axis=1)
             with np.errstate(invalid="ignore"):
@@ -499,7 +510,7 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         "INPUTDIR": common,
         "SERRMETH": "measured" if measured_err else "scatter",
     }
-    return Calibration(spots=spots, exposures=exposures, meta=meta)
+    return Calibration(spots=spots, exposures=exposures, meta=meta, used=used)
 
 
 def _hdu(table: Table, name: str) -> fits.BinTableHDU:
@@ -508,15 +519,33 @@ def _hdu(table: Table, name: str) -> fits.BinTableHDU:
     return hdu
 
 
+def _used_hdu(used: np.ndarray) -> fits.ImageHDU:
+    """The ``[spot, exposure]`` mask of points used, bit-packed along exposures."""
+    hdu = fits.ImageHDU(np.packbits(used, axis=1), name="USED")
+    hdu.header["NSPOT"] = (used.shape[0], "spots (image rows)")
+    hdu.header["NEXP"] = (used.shape[1], "exposures (bits along each row)")
+    hdu.header["COMMENT"] = "1 = point used for F[k] and s[j]; numpy.packbits, big bit order"
+    return hdu
+
+
+def _read_used(hdu, path: Path, nspot: int, nexp: int) -> np.ndarray:
+    shape = (int(hdu.header.get("NSPOT", -1)), int(hdu.header.get("NEXP", -1)))
+    if shape != (nspot, nexp) or hdu.data is None or hdu.data.shape != (nspot, -(-nexp // 8)):
+        raise InputError(f"USED mask of shape {shape} does not match {nspot} spots x {nexp} exposures",
+                         path=path)
+    return np.unpackbits(np.asarray(hdu.data, dtype=np.uint8), axis=1, count=nexp).astype(bool)
+
+
 def write_calibration(calib: Calibration, path: str | os.PathLike, ecsv: bool = False,
                       overwrite: bool = True) -> list[Path]:
     """Write the catalogue as FITS (and optionally ECSV), atomically.
 
     The FITS file has a primary HDU with provenance (package version, date,
-    detector, statistic, flux column, input count, ...) and the HDUs
-    ``SPOTS`` and ``EXPOSURES``. With ``ecsv=True`` two ECSV files are
+    detector, statistic, flux column, input count, ...), the HDUs ``SPOTS``
+    and ``EXPOSURES``, and ``USED``, the bit-packed ``[spot, exposure]`` mask
+    of the points the estimate used. With ``ecsv=True`` two ECSV files are
     written beside it, ``<stem>_spots.ecsv`` and ``<stem>_exposures.ecsv``,
-    carrying the same metadata.
+    carrying the same metadata (not the mask).
 
     Parameters
     ----------
@@ -542,6 +571,8 @@ def write_calibration(calib: Calibration, path: str | os.PathLike, ecsv: bool = 
     spots, exposures = calib.spots.copy(), calib.exposures.copy()
     spots.meta, exposures.meta = {}, {}
     hdul = fits.HDUList([primary, _hdu(spots, "SPOTS"), _hdu(exposures, "EXPOSURES")])
+    if calib.used is not None:
+        hdul.append(_used_hdu(calib.used))
     written = []
     with atomic_path(path, overwrite=overwrite) as tmp:
         hdul.writeto(tmp)
@@ -577,6 +608,7 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
     path = Path(path)
     if not path.exists():
         raise InputError("no such file", path=path, expected="a calibration catalogue")
+    used = None
     try:
         if path.suffix == ".ecsv":
             spots = Table.read(path, format="ascii.ecsv")
@@ -591,6 +623,9 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
                                      expected="HDUs SPOTS and EXPOSURES")
                 meta = {k: v for k, v in hdul[0].header.items()
                         if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "")}
+                shape = (hdul["SPOTS"].header.get("NAXIS2", 0), hdul["EXPOSURES"].header.get("NAXIS2", 0))
+                if "USED" in hdul:
+                    used = _read_used(hdul["USED"], path, *shape)
             spots = Table.read(path, hdu="SPOTS")
             exposures = Table.read(path, hdu="EXPOSURES")
             spots.meta, exposures.meta = {}, {}
@@ -606,4 +641,4 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
               [c for c in ("filename", "scale") if c not in exposures.colnames]
     if missing:
         raise InputError(f"calibration catalogue lacks columns {', '.join(missing)}", path=path)
-    return Calibration(spots=spots, exposures=exposures, meta=meta)
+    return Calibration(spots=spots, exposures=exposures, meta=meta, used=used)
