@@ -564,17 +564,16 @@ _EXPOSURE_UNITS = {"exptime": "s", "bot_x": "mm", "bot_y": "mm", "x0": "pix", "y
                    "xstep": "pix", "ystep": "pix", "theta": "rad"}
 
 
-@functools.lru_cache(maxsize=256)
-def _resolved_dir(directory: Path) -> Path:
-    """The absolute, resolved folder (resolved once per folder, not once per file)."""
-    return directory.resolve()
-
-
-def _exposure_row(gf: GridFile) -> dict:
+def _exposure_row(gf: GridFile, folders: dict) -> dict:
+    """The exposure-table row of one file; ``folders`` caches resolved folders (one
+    ``resolve`` per folder, not per file: each costs several system calls)."""
     m = gf.meta
     g = gf.grid
+    folder = folders.get(gf.path.parent)
+    if folder is None:
+        folder = folders[gf.path.parent] = gf.path.parent.resolve()
     return {
-        "filename": gf.path.name, "path": str(_resolved_dir(gf.path.parent) / gf.path.name),
+        "filename": gf.path.name, "path": str(folder / gf.path.name),
         "format": gf.format,
         "detector": m.get("detector", ""), "raft": m.get("raft", ""), "sensor": m.get("sensor", ""),
         "obsid": m.get("obsid", ""), "obs_date": m.get("obs_date", ""), "seqnum": m.get("seqnum", -1),
@@ -652,7 +651,7 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
     if count == 0:
         raise InputError("no processed-grid files to stack")
     big = None
-    rows, ref = [], None
+    rows, ref, folders = [], None, {}
     for j, f in enumerate(files):
         if ref is None:
             ref = f
@@ -665,7 +664,7 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
                              expected="all files of one run on the same grid")
         for iq, q in enumerate(QUANTITIES):
             big[iq, j] = f.values[q]
-        rows.append(_exposure_row(f))
+        rows.append(_exposure_row(f, folders))
     dets = sorted({r["detector"] for r in rows} - {""})
     if detector:
         if dets and dets != [detector]:
