@@ -195,3 +195,14 @@ def test_fast_header_parser_truncated(tmp_path):
         p.write_bytes(raw[:cut])
         with pytest.raises(Unsupported):
             FitsFile(p)
+
+
+def test_exposure_paths_follow_the_working_directory(tmp_path, monkeypatch):
+    """Relative folders are resolved against the current directory at each read."""
+    for sub in ("a", "b"):
+        (tmp_path / sub / "spotdata").mkdir(parents=True)
+        write_dm(tmp_path / sub / "spotdata" / name(0), grid_params(3, 3), np.arange(1.0, 10.0))
+    for sub in ("a", "b"):
+        monkeypatch.chdir(tmp_path / sub)
+        g = spotflat.read_grids("spotdata")
+        assert g.exposures["path"][0] == str((tmp_path / sub / "spotdata" / name(0)).resolve())
