@@ -67,6 +67,7 @@ __all__ = [
     "load_flat",
     "prepare_flat",
     "detect_form",
+    "detector_from_header",
     "normalize_flat",
     "amplifier_slices",
     "find_outliers",
@@ -243,7 +244,26 @@ def _image_hdu(hdul: fits.HDUList, path) -> fits.ImageHDU | fits.PrimaryHDU:
                      expected="a raw 16-segment file, an assembled CCD image or a master flat")
 
 
-def _detector_from_header(header: fits.Header) -> str | None:
+def detector_from_header(header: fits.Header) -> str | None:
+    """The detector a flat's header names, or None.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        A primary (or image) header with ``RAFTBAY`` and ``CCDSLOT`` (raw BOT
+        data) or ``DETECTOR`` (assembled and master flats).
+
+    Returns
+    -------
+    str or None
+        ``R22_S11``, when the name is an LSSTCam detector.
+
+    Examples
+    --------
+    >>> from astropy.io import fits
+    >>> detector_from_header(fits.Header({"RAFTBAY": "R22", "CCDSLOT": "S11"}))
+    'R22_S11'
+    """
     raft = str(header.get("RAFTBAY", "")).strip()
     slot = str(header.get("CCDSLOT", "")).strip()
     det = str(header.get("DETECTOR", "")).strip() if isinstance(header.get("DETECTOR"), str) else ""
@@ -368,7 +388,7 @@ def load_flat(path: str | os.PathLike, normalize: str | None = "ccd", detector: 
     path = os.fspath(path)
     form = detect_form(hdul)
     header = hdul[0].header
-    det_name = detector if detector is not None else _detector_from_header(header)
+    det_name = detector if detector is not None else detector_from_header(header)
     file_bad = None
     saturated = None
     if form == "raw":
