@@ -182,17 +182,12 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
                 acc += np.where(np.isfinite(Fb), 1.0 / Fb, 0.0) @ fb
             known = np.isfinite(F_new)
             s_new = acc / np.count_nonzero(used if known.all() else used[known], axis=0)
-        with _quiet():
-            norm = np.nanmedian(s_new)
-        s_new, F_new = s_new / norm, F_new * norm
+        F_new, s_new, change = _normalise(F_new, s_new, F, s)
         if clipped:
             with np.errstate(invalid="ignore", divide="ignore"):
                 invF, invs = 1.0 / F_new, 1.0 / s_new
                 for b in blocks:
                     new_used[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma, robust=it == 1)
-        with np.errstate(invalid="ignore", divide="ignore"), _quiet():
-            dF = np.nanmax(np.abs(F_new / F - 1.0)) if np.isfinite(F).any() else np.inf
-            ds = np.nanmax(np.abs(s_new / s - 1.0))
         F, s = F_new, s_new
         changed = clipped and not np.array_equal(new_used, used)
         if changed:
@@ -200,10 +195,20 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
                 used = np.empty_like(finite)
             used, new_used = new_used, used
             nk = np.count_nonzero(used, axis=1).astype(np.float64)
-        if not changed and max(dF, ds) < tol and it > 1:
+        if not changed and change < tol and it > 1:
             converged = True
             break
     return F, s, used, it, converged
+
+
+def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):
+    """Impose ``median(s) = 1`` on one alternation's estimate; also the largest relative change."""
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+        norm = np.nanmedian(s_new)
+        s_new, F_new = s_new / norm, F_new * norm
+        dF = np.nanmax(np.abs(F_new / F - 1.0)) if np.isfinite(F).any() else np.inf
+        ds = np.nanmax(np.abs(s_new / s - 1.0))
+    return F_new, s_new, max(dF, ds)
 
 
 #: Spots per block in :func:`estimate_scales` (a block of 1400 exposures is ~0.7 MB).
@@ -222,10 +227,7 @@ def _keep(f: np.ndarray, finite: np.ndarray, used: np.ndarray, invF: np.ndarray,
     resid *= invs[None, :]
     resid -= 1.0
     if robust:
-        a = np.abs(resid)
-        np.copyto(a, np.nan, where=~used)
-        a.sort(axis=1)  # NaNs last
-        scale = 1.4826 * _sorted_median(a)[:, None]
+        scale = _robust_sigma(np.where(used, resid, np.nan), axis=1)
     else:
         n = np.count_nonzero(used, axis=1)[:, None].astype(np.float64)
         r0 = np.where(used, resid, 0.0)
@@ -246,14 +248,8 @@ def _median_scales(f: np.ndarray, finite: np.ndarray, maxiter: int, tol: float):
         with np.errstate(invalid="ignore", divide="ignore"):
             F_new = _nanmedian(fu / s[None, :], 1)
             s_new = _nanmedian(fu / F_new[:, None], 0)
-        with _quiet():
-            norm = np.nanmedian(s_new)
-        s_new, F_new = s_new / norm, F_new * norm
-        with np.errstate(invalid="ignore", divide="ignore"), _quiet():
-            dF = np.nanmax(np.abs(F_new / F - 1.0)) if np.isfinite(F).any() else np.inf
-            ds = np.nanmax(np.abs(s_new / s - 1.0))
-        F, s = F_new, s_new
-        if max(dF, ds) < tol and it > 1:
+        F, s, change = _normalise(F_new, s_new, F, s)
+        if change < tol and it > 1:
             converged = True
             break
     return F, s, finite, it, converged
@@ -333,11 +329,13 @@ class Calibration:
         with np.errstate(invalid="ignore", divide="ignore"):
             t = grids.flux / (self.F[:, None] * self.s[None, :])
         t[~np.isfinite(t)] = np.nan
-        if clip and self.meta.get("STAT") == "clipped" and self.used is not None:
+        if not (clip and self.meta.get("STAT") == "clipped"):
+            return t
+        if self.used is not None:
             if self.used.shape != t.shape:
                 raise InputError(f"catalogue's USED mask has shape {self.used.shape}, spot data {t.shape}")
             t[~self.used] = np.nan
-        elif clip and self.meta.get("STAT") == "clipped":
+        else:
             sig = float(self.meta.get("SIGCLIP", 4.0))
             scale = _robust_sigma(t - 1.0, axis=1)
             with np.errstate(invalid="ignore"):
@@ -470,7 +468,7 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         # measurement noise moves s. Use the measured flux errors when the
         # files give them; otherwise the scatter over spots (conservative).
         with_err = good & np.isfinite(grids.flux_err)
-        measured_err = np.count_nonzero(with_err) >= 0.9 * np.count_nonzero(good) and with_err.any()
+        measured_err = np.count_nonzero(with_err) >= 0.9 * nused.sum() and with_err.any()
         if measured_err:
             def rel2(out, where):  # (flux_err / f)^2
                 np.divide(grids.flux_err, f, out=out, where=where)

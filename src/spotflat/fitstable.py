@@ -101,20 +101,17 @@ def _join_continued(hdr: _Header, text: str) -> None:
     Only the cards around each ``CONTINUE`` are looked at: DM catalogues have
     a few long ``TDOC`` strings among hundreds of cards.
     """
-    starts = [m.start() for m in _CONTINUE.finditer(text) if m.start() % _CARD == 0]
-    done = set()
-    for c in starts:
-        if c in done or c == 0:
-            continue
-        head = text[c - _CARD:c]
+    for m in _CONTINUE.finditer(text):
+        c = m.start()
+        # the keyword card just before a run of CONTINUE cards (a CONTINUE card
+        # before this one has no "= " and is skipped here)
+        head = text[c - _CARD:c] if c % _CARD == 0 else ""
         key = head[:8].rstrip()
         if head[8:10] != "= " or key not in hdr:
             continue
         parts = [_value(head[10:])]
-        while c < len(text) and text.startswith("CONTINUE  '", c) and isinstance(parts[-1], str) \
-                and parts[-1].endswith("&"):
+        while text.startswith("CONTINUE  '", c) and isinstance(parts[-1], str) and parts[-1].endswith("&"):
             parts.append(_value(text[c + 10:c + _CARD]))
-            done.add(c)
             c += _CARD
         if len(parts) > 1 and all(isinstance(p, str) for p in parts):
             joined = "".join(p[:-1] for p in parts[:-1]) + parts[-1]
