@@ -211,7 +211,7 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
 
 def _calibrate_serial(det: str, paths, opts, progress: bool):
     from .calibration import build_calibration
-    from .cli._common import progress as bar_over
+    from .progress import progress_iter as bar_over
     from .grids import read_grid_file, stack_grid_files
 
     flux_column, stat, min_dithers, sigma = opts

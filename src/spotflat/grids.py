@@ -722,7 +722,7 @@ def read_grids(path_or_paths, flux_column: str | None = None, detector: str | No
         if not paths:
             raise InputError(f"no files for detector {detector}",
                              expected="one of " + ", ".join(k for k in groups if k))
-    from .cli._common import progress as progress_bar
+    from .progress import progress_iter as progress_bar
 
     with progress_bar(paths, "Reading grid files", quiet=not progress) as bar:
         return stack_grid_files((read_grid_file(p, flux_column) for p in bar),

@@ -38,12 +38,12 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 import threading
 from typing import Any, Callable, Sequence
 
 from .blas import single_thread_blas
 from .errors import SpotflatError
+from .progress import progress_bar as _progress_bar
 
 __all__ = [
     "WorkerError",
@@ -285,7 +285,7 @@ class Runner:
             return []
         # a process pool is not worth starting for a single task
         if self.kind == "serial" or (self.kind == "processes" and len(items) == 1):
-            with _progress(len(items), label, progress) as bar, single_thread_blas():
+            with _progress_bar(len(items), label, progress) as bar, single_thread_blas():
                 out = []
                 for item in items:
                     out.append(fn(item))
@@ -304,7 +304,7 @@ class Runner:
         index = {f: i for i, f in enumerate(futures)}
         out: list = [None] * len(items)
         try:
-            with _progress(len(items), label, progress) as bar:
+            with _progress_bar(len(items), label, progress) as bar:
                 for fut in as_completed(futures):
                     out[index[fut]] = fut.result()
                     bar(1)
@@ -337,7 +337,7 @@ class Runner:
         index = {f.key: i for i, f in enumerate(futures)}
         out: list = [None] * len(items)
         try:
-            with _progress(len(items), label, progress) as bar:
+            with _progress_bar(len(items), label, progress) as bar:
                 for fut in as_completed(futures, loop=client.loop):
                     out[index[fut.key]] = fut.result()
                     bar(1)
@@ -352,28 +352,6 @@ class Runner:
         finally:
             client.cancel(futures)
         return out
-
-
-class _progress:
-    """Context manager yielding ``advance(n)``: a click bar, or a no-op."""
-
-    def __init__(self, total: int, label: str, show: bool) -> None:
-        self.total, self.label, self.show = total, label, show and total > 1
-        self._bar = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.show:
-            return lambda n: None
-        import click
-
-        self._bar = click.progressbar(length=self.total, label=self.label, show_pos=True,
-                                      file=sys.stderr)
-        bar = self._bar.__enter__()
-        return bar.update
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 def nchunks_for(nitems: int, nworkers: int, min_chunk: int = 32, max_chunk: int = 256,

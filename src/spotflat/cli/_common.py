@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from typing import Iterable, Iterator
-
 import click
 
+from ..progress import progress_iter as progress
+
 __all__ = ["echo_summary", "csv_option", "progress"]
-
-
-@contextlib.contextmanager
-def progress(items: Iterable, label: str, quiet: bool = False) -> Iterator[Iterable]:
-    """A click progress bar over ``items`` (on standard error), or the bare items when quiet."""
-    if quiet:
-        yield items
-        return
-    with click.progressbar(items, label=label, show_pos=True, file=sys.stderr) as bar:
-        yield bar
 
 
 def echo_summary(title: str, rows: list[tuple[str, object]]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import sys
 
 import click
 import numpy as np
@@ -65,9 +64,10 @@ def simulate(outdir: Path, detector: str, ndither: int | None, preset: str | Non
     if quiet:
         res = simulate_run(outdir, **kwargs)
     else:
-        with click.progressbar(length=n + 2, label="Writing simulated run", show_pos=True,
-                               file=sys.stderr) as bar:
-            res = simulate_run(outdir, progress=bar.update, **kwargs)
+        from ..progress import progress_bar
+
+        with progress_bar(n + 2, "Writing simulated run") as advance:
+            res = simulate_run(outdir, progress=advance, **kwargs)
     sim = res.spots
     measured = ~sim.missing
     dt = np.nanstd(np.where(measured & ~sim.outlier, res.t, np.nan))
