@@ -28,7 +28,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .errors import InputError
-from .fileio import atomic_path, provenance_cards
+from .fileio import (atomic_path, fits_table_safe, fits_table_unescape, provenance_cards, reading,
+                     staged_outputs)
 from .grids import SpotGrids
 
 __all__ = [
@@ -568,21 +569,24 @@ def write_calibration(calib: Calibration, path: str | os.PathLike, ecsv: bool = 
     primary.header["COMMENT"] = "spotflat calibration catalogue: HDU SPOTS (F[k]) and EXPOSURES (s[j])"
     spots, exposures = calib.spots.copy(), calib.exposures.copy()
     spots.meta, exposures.meta = {}, {}
+    exposures = fits_table_safe(exposures)  # paths with non-ASCII characters
     hdul = fits.HDUList([primary, _hdu(spots, "SPOTS"), _hdu(exposures, "EXPOSURES")])
     if calib.used is not None:
         hdul.append(_used_hdu(calib.used))
     written = []
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        hdul.writeto(tmp)
-    written.append(path)
-    if ecsv:
-        for name, table in (("spots", calib.spots), ("exposures", calib.exposures)):
-            out = path.with_name(f"{path.stem}_{name}.ecsv")
-            t = table.copy()
-            t.meta = dict(cards)
-            with atomic_path(out, overwrite=overwrite) as tmp:
-                t.write(tmp, format="ascii.ecsv")
-            written.append(out)
+    inputs = [p for p in calib.exposures["path"]] if "path" in calib.exposures.colnames else []
+    with staged_outputs(inputs=inputs):  # the FITS file and the ECSV pair appear together
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            hdul.writeto(tmp)
+        written.append(path)
+        if ecsv:
+            for name, table in (("spots", calib.spots), ("exposures", calib.exposures)):
+                out = path.with_name(f"{path.stem}_{name}.ecsv")
+                t = table.copy()
+                t.meta = dict(cards)
+                with atomic_path(out, overwrite=overwrite) as tmp:
+                    t.write(tmp, format="ascii.ecsv")
+                written.append(out)
     return written
 
 
@@ -607,6 +611,12 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
     if not path.exists():
         raise InputError("no such file", path=path, expected="a calibration catalogue")
     used = None
+    with reading(path, "a spotflat calibration catalogue"):
+        return _read_calibration(path)
+
+
+def _read_calibration(path: Path) -> Calibration:
+    used = None
     try:
         if path.suffix == ".ecsv":
             spots = Table.read(path, format="ascii.ecsv")
@@ -626,7 +636,9 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
                     used = _read_used(hdul["USED"], path, *shape)
             spots = Table.read(path, hdu="SPOTS")
             exposures = Table.read(path, hdu="EXPOSURES")
-            spots.meta, exposures.meta = {}, {}
+            spots.meta = {}
+            exposures = fits_table_unescape(exposures)
+            exposures.meta = {}
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as exc:

@@ -20,7 +20,7 @@ from astropy.table import Table
 from .calibration import Calibration, read_calibration
 from .compare import Comparison, binned_map, compare_spots_flat, summarize_by_amp, summarize_by_distance
 from .errors import InputError
-from .fileio import atomic_path, provenance_cards
+from .fileio import atomic_path, fits_safe, fits_table_safe, make_output_dir, provenance_cards, staged_outputs
 from .grids import SpotGrids, read_grids
 
 __all__ = [
@@ -264,11 +264,11 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
 def _write_table(table: Table, path: Path, fmt: str) -> Path:
     with atomic_path(path) as tmp:
         if fmt == "fits":
-            hdu = fits.table_to_hdu(table)
+            hdu = fits.table_to_hdu(fits_table_safe(table))
             primary = fits.PrimaryHDU()
             for k, v in table.meta.items():
                 if len(str(k)) <= 8 and isinstance(v, (str, int, float, bool)):
-                    primary.header[str(k)] = v
+                    primary.header[str(k)] = fits_safe(v)
             hdu.header["EXTNAME"] = path.stem.upper()
             fits.HDUList([primary, hdu]).writeto(tmp)
         else:
@@ -296,8 +296,11 @@ def write_outputs(res: CorrelateResult, outdir: str | os.PathLike, figures: bool
     list of pathlib.Path
         The files written (each atomically).
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    with staged_outputs():  # all files appear together, or none (and no new empty folder)
+        return _write_outputs(res, make_output_dir(outdir), figures)
+
+
+def _write_outputs(res: CorrelateResult, outdir: Path, figures: bool) -> list[Path]:
     meta = dict(res.results.meta)
     files = [
         _write_table(res.results, outdir / "results.ecsv", "ecsv"),

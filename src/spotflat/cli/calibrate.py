@@ -76,12 +76,14 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
     """
     from ..calibration import write_calibration
     from ..errors import InputError
-    from ..fileio import check_writable
+    from ..fileio import check_output, check_writable, make_output_dir, staged_outputs
     from ..focalplane import calibrate_detectors
     from ..grids import find_grid_files, group_by_detector
     from ..parallel import Runner
 
     raw = output
+    if not raw:
+        raise InputError("-o/--output: empty output path", expected="a file or folder name")
     output = Path(output)
     to_dir = _is_dir_output(output, raw)
     if to_dir:
@@ -98,6 +100,8 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
                 raise InputError("no such directory", path=spotdata_dir,
                                  expected="a folder of processed-grid files")
             paths = find_grid_files(spotdata_dir)
+            if not to_dir:
+                check_output(output, inputs=paths, option="-o")
         for w in caught:
             click.echo(f"Warning: {w.message}", err=True)
 
@@ -116,12 +120,13 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
         cals = calibrate_detectors(groups, runner, flux_column=flux_column, stat=stat,
                                    min_dithers=min_dithers, sigma=sigma, progress=not quiet)
         how = runner.describe()
-    if to_dir:
-        output.mkdir(parents=True, exist_ok=True)
     written_all = []
-    for det, cal in cals.items():
-        written = write_calibration(cal, _output_for(output, det, several, to_dir), ecsv=ecsv)
-        written_all.append((det, cal, written))
+    with staged_outputs(inputs=paths):  # every catalogue of the run appears, or none
+        if to_dir:
+            make_output_dir(output, option="-o")
+        for det, cal in cals.items():
+            written = write_calibration(cal, _output_for(output, det, several, to_dir), ecsv=ecsv)
+            written_all.append((det, cal, written))
     if len(written_all) == 1:
         det, cal, written = written_all[0]
         _summary(det, cal, written, how)
