@@ -28,7 +28,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .errors import InputError
-from .fileio import (atomic_path, fits_table_safe, fits_table_unescape, provenance_cards, reading,
+from .fileio import (atomic_path, check_readable, fits_table_safe, fits_table_unescape, provenance_cards, reading,
                      staged_outputs)
 from .grids import SpotGrids
 
@@ -151,6 +151,8 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     """
     if stat not in STATISTICS:
         raise InputError(f"unknown statistic {stat!r}", expected=" or ".join(STATISTICS))
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise InputError(f"clipping threshold sigma={sigma!r}", expected="a finite number > 0 (--sigma)")
     f = np.asarray(flux, dtype=np.float64)
     if f.ndim != 2:
         raise InputError(f"flux must be 2-D [spot, exposure], got shape {f.shape}")
@@ -395,8 +397,10 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     if min_dithers < 1:
         raise InputError(f"min_dithers must be at least 1, got {min_dithers}")
     if grids.nexp < min_dithers:
-        raise InputError(f"only {grids.nexp} exposure(s), fewer than min_dithers={min_dithers}",
-                         expected="more dithers, or a lower --min-dithers")
+        names = ", ".join(map(str, grids.exposures["filename"][:3])) + (", ..." if grids.nexp > 3 else "")
+        raise InputError(f"only {grids.nexp} exposure(s) ({names}), fewer than min_dithers={min_dithers}",
+                         path=grids.exposures["path"][0] if grids.nexp == 1 else None,
+                         expected="more dithers, or min_dithers=1 (--min-dithers 1) for a single exposure")
     f = grids.flux
     F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol)
     # every per-point quantity below goes through one work array (see _masked)
@@ -610,8 +614,8 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
     path = Path(path)
     if not path.exists():
         raise InputError("no such file", path=path, expected="a calibration catalogue")
-    used = None
     with reading(path, "a spotflat calibration catalogue"):
+        check_readable(path, "a spotflat calibration catalogue")
         return _read_calibration(path)
 
 

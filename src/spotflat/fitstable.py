@@ -320,8 +320,13 @@ class FitsFile:
         rec = np.dtype({"names": list(fields), "formats": [d for d, _ in fields.values()],
                         "offsets": [o for _, o in fields.values()], "itemsize": width})
         data = np.frombuffer(self.buf, dtype=rec, count=nrows, offset=h.data_start)
-        return {name: data[name].astype(data[name].dtype.newbyteorder("="))
-                for name in fields}
+        out = {}
+        for name in fields:
+            if layout[name][0] == "L":  # FITS logicals are the bytes 'T' / 'F'
+                out[name] = data[name] == ord("T")
+            else:
+                out[name] = data[name].astype(data[name].dtype.newbyteorder("="))
+        return out
 
 
 def read_fits(path: str | Path) -> FitsFile:

@@ -238,14 +238,16 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     -------
     CorrelateResult
     """
-    from .flats import read_flat
+    from .flats import check_flat_varies, read_flat
     from .stats import variance_decomposition
 
     if not isinstance(calib, Calibration):
         calib = read_calibration(calib)
     grids = load_spot_data(calib, spotdata, progress=progress)
+    flat_path = None if isinstance(flat, np.ndarray) else flat
     if not isinstance(flat, np.ndarray):
         flat = read_flat(flat, normalize=normalize, detector=calib.detector or None)
+    check_flat_varies(flat, flat_path)
     comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius,
                               detector=calib.detector or None,
                               gradient=any(QUANTITY_PAIRS.get(q, "q") != "q" for q in quantities))

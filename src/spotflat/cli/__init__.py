@@ -72,6 +72,18 @@ def _with_context(name: str, callback):
     return run
 
 
+def _refuse_empty(ptype: click.Path) -> None:
+    """An empty string is no path (``Path("")`` would silently mean the current folder)."""
+    convert = ptype.convert
+
+    def checked(value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            ptype.fail("empty path; expected a file or folder name", param, ctx)
+        return convert(value, param, ctx)
+
+    ptype.convert = checked
+
+
 class _SpotflatGroup(click.Group):
     """Group that loads sub-commands lazily and turns data errors into exit 1."""
 
@@ -85,6 +97,9 @@ class _SpotflatGroup(click.Group):
         cmd = getattr(importlib.import_module(f".{mod}", __name__), func)
         if cmd.callback is not None and not getattr(cmd.callback, "_spotflat_context", False):
             cmd.callback = _with_context(name, cmd.callback)
+            for param in cmd.params:
+                if isinstance(param.type, click.Path):
+                    _refuse_empty(param.type)
         return cmd
 
     def invoke(self, ctx: click.Context):

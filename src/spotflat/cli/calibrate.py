@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ._common import echo_summary
+from ._common import POSITIVE, echo_summary, explain_groups
 
 __all__ = ["calibrate", "workers_options"]
 
@@ -55,7 +55,7 @@ def _is_dir_output(output: Path, raw: str) -> bool:
                    "FLUX+DFLUX for legacy files; '+' sums columns).")
 @click.option("--stat", type=click.Choice(["clipped", "mean", "median"]), default="clipped",
               show_default=True, help="Statistic for F[k] and s[j].")
-@click.option("--sigma", type=float, default=4.0, show_default=True,
+@click.option("--sigma", type=POSITIVE, default=4.0, show_default=True,
               help="Clipping threshold for --stat clipped.")
 @click.option("--min-dithers", type=click.IntRange(min=1), default=3, show_default=True,
               help="Spots kept in fewer exposures are flagged invalid.")
@@ -111,6 +111,7 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
                 raise InputError(f"no files for detector {detector}", path=spotdata_dir,
                                  expected="one of " + ", ".join(d or "(unnamed)" for d in groups))
             groups = {detector: groups[detector]}
+        explain_groups(groups, min_dithers, spotdata_dir)
         several = len(groups) > 1
         if several:
             names = list(groups)

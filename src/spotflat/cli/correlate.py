@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ._common import csv_option, echo_summary
+from ._common import POSITIVE, csv_option, echo_summary
 from .calibrate import workers_options
 
 __all__ = ["correlate", "print_summary", "print_focal_plane_summary"]
@@ -17,9 +17,13 @@ def _sigma(value: str):
     if value == "moments":
         return value
     try:
-        return float(value)
+        width = float(value)
     except ValueError:
-        raise click.BadParameter("expected 'moments' or a width in pixels") from None
+        width = float("nan")
+    if not (np.isfinite(width) and width > 0):
+        raise click.BadParameter(f"{value!r}: expected 'moments' or a width in pixels (a finite number > 0)",
+                                 param_hint="'--sigma'")
+    return width
 
 
 def _is_many(calib: Path) -> bool:
@@ -53,7 +57,7 @@ def _is_many(calib: Path) -> bool:
               help="Flat normalisation (amp removes amplifier gain steps).")
 @click.option("--sigma", default="moments", show_default=True,
               help="Gaussian footprint: 'moments' (from each spot's second moments) or pixels.")
-@click.option("--radius", type=float, default=None, help="Use a top-hat footprint of this radius (pixels).")
+@click.option("--radius", type=POSITIVE, default=None, help="Use a top-hat footprint of this radius (pixels).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of all resampling (the same for every detector).")
 @click.option("--no-figures", is_flag=True, help="Skip the per-detector PNG figures.")
