@@ -23,12 +23,13 @@ import os
 import stat as _stat
 import tempfile
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import InputError, SpotflatError
 
-__all__ = ["atomic_path", "staged_outputs", "make_output_dir", "check_output", "check_writable",
+__all__ = ["atomic_path", "staged_outputs", "make_output_dir", "check_output_dir", "check_output", "check_writable",
            "check_readable", "reading", "provenance_cards", "fits_safe", "fits_unescape",
            "fits_table_safe", "fits_table_unescape", "STRENC"]
 
@@ -185,7 +186,19 @@ def reading(path: str | os.PathLike, what: str = "a FITS file") -> Iterator[None
     """
     path = Path(path)
     try:
-        yield
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            except Exception:
+                if any(_truncation(w) for w in caught):
+                    raise InputError("truncated FITS file", path=path, expected=what) from None
+                raise
+        for w in caught:
+            if _truncation(w):
+                raise InputError(f"truncated FITS file ({w.message})", path=path, expected=what)
+        for w in caught:  # the others go on to the caller
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except InputError as exc:
         if exc.path is None:
             raise InputError(exc.problem, path=path, expected=exc.expected) from None
@@ -209,6 +222,40 @@ def reading(path: str | os.PathLike, what: str = "a FITS file") -> Iterator[None
             text = " ".join(str(exc).split())[:200]
             raise InputError(f"damaged FITS header ({text})", path=path, expected=what) from None
         raise
+
+
+def _truncation(w: warnings.WarningMessage) -> bool:
+    return "truncated" in str(w.message).lower()
+
+
+def check_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:
+    """Check, without creating anything, that ``path`` can be an output folder.
+
+    Commands call it before any work, so a bad ``-o`` fails in a second, not
+    after the computation; :func:`make_output_dir` creates it later.
+    """
+    if os.fspath(path) == "":
+        raise InputError(f"{option}: empty output path" if option else "empty output path",
+                         expected="a folder name")
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise InputError("output folder is a dangling symbolic link", path=path, expected="a folder or a new name")
+    if path.exists():
+        if not path.is_dir():
+            raise InputError("output path exists and is not a directory", path=path, expected="an output folder")
+        if not os.access(path, os.W_OK):
+            raise InputError("output directory is not writable", path=path)
+        return path
+    p = path.absolute()
+    while not p.exists():
+        if p.is_symlink():
+            raise InputError("output folder is a dangling symbolic link", path=p)
+        p = p.parent
+    if not p.is_dir():
+        raise InputError("not a directory", path=p, expected="a folder for the outputs")
+    if not os.access(p, os.W_OK):
+        raise InputError("output directory is not writable", path=p)
+    return path
 
 
 # --------------------------------------------------------------------------- staging
@@ -315,27 +362,14 @@ def make_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:
     Inside :func:`staged_outputs`, folders created here are removed again when
     the run fails. An existing non-folder at ``path`` is refused.
     """
-    if os.fspath(path) == "":
-        raise InputError(f"{option}: empty output path" if option else "empty output path",
-                         expected="a folder name")
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise InputError("output folder is a dangling symbolic link", path=path, expected="a folder or a new name")
-    if path.exists():
-        if not path.is_dir():
-            raise InputError("output path exists and is not a directory", path=path, expected="an output folder")
-        if not os.access(path, os.W_OK):
-            raise InputError("output directory is not writable", path=path)
+    path = check_output_dir(path, option)
+    if path.is_dir():
         return path
     missing = []
     p = path.absolute()
     while not p.exists():
-        if p.is_symlink():
-            raise InputError("output folder is a dangling symbolic link", path=p)
         missing.append(p)
         p = p.parent
-    if not p.is_dir():
-        raise InputError("not a directory", path=p, expected="a folder for the outputs")
     try:
         path.mkdir(parents=True)
     except OSError as exc:

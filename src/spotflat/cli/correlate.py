@@ -90,6 +90,9 @@ def correlate(calib: Path, spotdata_dir: Path | None, flat: Path | None, flat_di
                                  param_hint="--quantity")
     if (flat is None) == (flat_dir is None):
         raise click.UsageError("give either --flat FLAT (one detector) or --flat-dir FLATS/ (one flat per detector)")
+    from ..fileio import check_output_dir
+
+    check_output_dir(outdir, option="-o")  # a bad -o fails now, not after the work
     params = dict(quantities=quantities, nboot=nboot, nnull=nnull, block=block, patch_size=patch_size, seed=seed,
                   method=method, normalize=normalize, sigma=_sigma(sigma), radius=radius)
     many = _is_many(calib)
