@@ -655,4 +655,33 @@ def _read_calibration(path: Path) -> Calibration:
               [c for c in ("filename", "scale") if c not in exposures.colnames]
     if missing:
         raise InputError(f"calibration catalogue lacks columns {', '.join(missing)}", path=path)
+    _check_values(spots, exposures, path)
     return Calibration(spots=spots, exposures=exposures, meta=meta, used=used)
+
+
+def _check_values(spots: Table, exposures: Table, path: Path) -> None:
+    """A damaged catalogue fails here, naming the file, not deep inside a later step."""
+    for t, cols in ((spots, ("spotgrid_index", "flux", "flux_err", "x", "y")),
+                    (exposures, ("scale", "ncols", "nrows", "x0", "y0"))):
+        for c in cols:
+            if c in t.colnames and (t[c].ndim != 1 or t[c].dtype.kind not in "biuf"):
+                raise InputError(f"column {c!r} is not a numeric scalar column", path=path,
+                                 expected="a catalogue written by spotflat calibrate")
+    k = np.asarray(spots["spotgrid_index"])
+    if len(k) == 0 or len(exposures) == 0 or not np.array_equal(k, np.arange(len(k))):
+        raise InputError("spot indices are not 0 .. nspot-1, or no spot/exposure", path=path,
+                         expected="a catalogue written by spotflat calibrate")
+    if "ncols" in exposures.colnames and "nrows" in exposures.colnames:
+        n = np.asarray(exposures["ncols"], float) * np.asarray(exposures["nrows"], float)
+        if not np.all(n == len(k)):
+            raise InputError(f"grid size in EXPOSURES does not match the {len(k)} spots", path=path)
+    with np.errstate(invalid="ignore"):
+        for c in ("x", "y"):
+            v = np.asarray(spots[c], float) if c in spots.colnames else np.zeros(1)
+            if np.any(np.abs(v) > 1e6):
+                raise InputError(f"spot positions {c!r} beyond 1e6 pixels", path=path,
+                                 expected="CCD pixel positions")
+        scale = np.asarray(exposures["scale"], float)
+        if np.any(scale <= 0) or np.any(np.isinf(scale)):
+            raise InputError("exposure scales must be positive and finite (or NaN for a rejected exposure)",
+                             path=path)

@@ -213,7 +213,7 @@ def reading(path: str | os.PathLike, what: str = "a FITS file") -> Iterator[None
         raise InputError("damaged header: it asks for more memory than the machine has", path=path,
                          expected=what) from None
     except (ValueError, TypeError, KeyError, IndexError, UnicodeError, AttributeError, EOFError,
-            OverflowError, ZeroDivisionError) as exc:
+            OverflowError, ZeroDivisionError, AssertionError, NotImplementedError) as exc:
         text = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise InputError(f"damaged or unreadable ({type(exc).__name__}: {text})", path=path,
                          expected=what) from None

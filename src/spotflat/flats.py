@@ -425,6 +425,13 @@ def load_flat(path: str | os.PathLike, normalize: str | None = "ccd", detector: 
         overscan columns when ``overscan`` is asked; shape not matching
         ``detector``; no valid pixel (e.g. all NaN).
     """
+    with reading(path, "a CCOB flat FITS file"):  # damaged cards surface lazily, while reading
+        return _load_flat(path, normalize, detector, overscan, mask, edge, stat, saturation, outliers,
+                          outlier_floor)
+
+
+def _load_flat(path, normalize, detector, overscan, mask, edge, stat, saturation, outliers,
+               outlier_floor) -> FlatImage:
     hdul = _open_fits(path)
     path = os.fspath(path)
     form = detect_form(hdul)

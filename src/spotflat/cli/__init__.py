@@ -54,6 +54,10 @@ def _with_context(name: str, callback):
 
     @functools.wraps(callback)
     def run(*args, **kwargs):
+        from astropy import log as astropy_log
+
+        level = astropy_log.level
+        astropy_log.setLevel("ERROR")  # header-repair chatter ("non-ASCII characters ...") is not for users
         try:
             with warnings.catch_warnings():
                 # numpy's floating-point chatter (overflow in a square, all-NaN slices)
@@ -63,10 +67,25 @@ def _with_context(name: str, callback):
         except InputError as exc:
             if exc.path is not None:
                 raise
-            given = [str(kwargs[k]) for k in _INPUT_ARGS.get(name, ()) if kwargs.get(k) is not None]
+            given = _given(name, kwargs)
             if not given:
                 raise
-            raise InputError(exc.problem, path=", ".join(given), expected=exc.expected) from None
+            raise InputError(exc.problem, path=given, expected=exc.expected) from None
+        except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError,
+                MemoryError) as exc:
+            # bad input that no reader check caught: still name what was being read
+            given = _given(name, kwargs)
+            if not given or os.environ.get("SPOTFLAT_DEBUG"):
+                raise
+            text = " ".join(str(exc).split())[:200]
+            raise InputError(f"cannot process these inputs ({type(exc).__name__}: {text})", path=given,
+                             expected="undamaged inputs; if they are, please report this "
+                                      "(SPOTFLAT_DEBUG=1 shows where it failed)") from None
+        finally:
+            astropy_log.setLevel(level)
+
+    def _given(name: str, kwargs: dict) -> str:
+        return ", ".join(str(kwargs[k]) for k in _INPUT_ARGS.get(name, ()) if kwargs.get(k) is not None)
 
     run._spotflat_context = True
     return run
