@@ -432,6 +432,12 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     with np.errstate(invalid="ignore", divide="ignore"):
         flux_err = eff * flux_std / np.sqrt(n)
     valid = (n >= min_dithers) & np.isfinite(F)
+    if not valid.any():  # nothing to write: a failed calibration is an error, not a file
+        where = grids.exposures["path"][0] if grids.nexp == 1 else os.path.commonpath(
+            [str(p) for p in grids.exposures["path"]])
+        raise InputError(f"no spot was measured in at least min_dithers={min_dithers} of the {grids.nexp} "
+                         "exposures (or every point was rejected)", path=where,
+                         expected="usable fluxes; check --flux-column, or lower --min-dithers")
     ncols, nrows = grids.grid_shape
     k = np.arange(grids.nspot)
 
