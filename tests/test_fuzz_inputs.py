@@ -717,3 +717,15 @@ def test_subprocess_huge_fluxes_no_runtime_warning(tmp_path, base):
     rewrite_table(files[1], _set_values(1e250, frac=0.3, seed=2))
     out = run_subprocess(["calibrate", run, "-o", tmp_path / "c.fits", "-q"])
     assert out.code == 0 and "Warning" not in out.stderr, out.stderr
+
+
+def test_pipes_are_refused_not_read(tmp_path, base):
+    """A named pipe as an input must fail at once (reading it would hang), in a subprocess for safety."""
+    fifo = tmp_path / "pipe.fits"
+    os.mkfifo(fifo)
+    for args in (["correlate", base["calib"], "--flat", fifo, "-o", tmp_path / "o", "-q"],
+                 ["correlate", fifo, "--flat", base["flat"], "-o", tmp_path / "o", "-q"],
+                 ["coords", "--points", fifo, "--from", "focal"]):
+        out = run_subprocess(args, timeout=60)
+        assert out.code == 1 and "pipe.fits: not a regular file" in out.stderr, out.stderr
+    assert not (tmp_path / "o").exists()

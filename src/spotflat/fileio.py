@@ -129,6 +129,8 @@ def check_readable(path: str | os.PathLike, what: str = "an input file") -> Path
         raise _os_error(exc, path, what) from None
     if _stat.S_ISDIR(st.st_mode):
         return path
+    if not _stat.S_ISREG(st.st_mode):  # reading a pipe or a device would hang or never end
+        raise InputError("not a regular file (a device, pipe or socket)", path=path, expected=what)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -193,9 +194,12 @@ def _data_size(hdr: _Header) -> int:
 
 def _read_bytes(path: Path) -> bytes:
     """The whole file, in four system calls (``open().read()`` makes nine)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a pipe must not block the open
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError("not a regular file (a device, pipe or socket)", path=path,
+                             expected="a FITS file")
         if not st.st_mode & 0o444:  # root may read it, but a mode-000 file is not meant to be read
             raise PermissionError(errno.EACCES, "permission denied (mode 000)", str(path))
         size = st.st_size

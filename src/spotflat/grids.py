@@ -168,7 +168,7 @@ def _is_fits(path: str | os.PathLike) -> bool:
     """
     # os-level calls: a run has thousands of files and each system call counts
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         check_readable(path, "a processed-grid file")
         return False
