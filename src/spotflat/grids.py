@@ -351,9 +351,15 @@ def _sane_flux(flux: np.ndarray) -> np.ndarray:
 
 
 def _sane_moments(values: dict) -> None:
-    """Negative second moments cannot be measured: those spots become unmeasured."""
+    """Points no detector can have measured become unmeasured.
+
+    Negative second moments, moments above 1e6 pixel^2 (a spot 1000 pixels
+    wide) and centroids more than 1e6 pixels away are damage, and would send
+    the footprint sampling of the flat astray.
+    """
     with np.errstate(invalid="ignore"):
-        bad = (values["xx"] < 0) | (values["yy"] < 0)
+        bad = (values["xx"] < 0) | (values["yy"] < 0) | (values["xx"] > 1e6) | (values["yy"] > 1e6)
+        bad |= (np.abs(values["x"]) > 1e6) | (np.abs(values["y"]) > 1e6)
     if bad.any():
         for v in values.values():
             v[bad] = np.nan
@@ -416,7 +422,7 @@ def _read_dm(path: Path, src: _Source, flux_column: str | None) -> GridFile:
     err_name = flux_column + "Err"
     rows = {
         "flux": _sane_flux(_column(data, flux_column, path)),
-        "flux_err": _column(data, err_name, path) if err_name in names else nan,
+        "flux_err": _sane_flux(_column(data, err_name, path)) if err_name in names else nan,
         "x": x, "y": y, "dx": dx, "dy": dy,
         "xx": _column(data, "base_SdssShape_xx", path),
         "yy": _column(data, "base_SdssShape_yy", path),
