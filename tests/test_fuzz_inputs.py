@@ -729,3 +729,43 @@ def test_pipes_are_refused_not_read(tmp_path, base):
         out = run_subprocess(args, timeout=60)
         assert out.code == 1 and "pipe.fits: not a regular file" in out.stderr, out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_staged_outputs_roll_back_a_failed_rename(tmp_path):
+    """If one rename of the set fails, the files already renamed are put back as they were."""
+    from spotflat.fileio import atomic_path, make_output_dir, staged_outputs
+
+    old = tmp_path / "a.txt"
+    old.write_text("old")
+    blocker = tmp_path / "b.txt"
+    with pytest.raises(spotflat.InputError, match="b.txt"):
+        with staged_outputs():
+            make_output_dir(tmp_path / "new" / "sub")
+            for name in ("a.txt", "b.txt"):
+                with atomic_path(tmp_path / name) as tmp:
+                    tmp.write_text("new")
+            blocker.mkdir()  # appears after the checks, before the commit
+    assert old.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"] and blocker.is_dir()
+    assert not list(blocker.iterdir())
+    blocker.rmdir()
+    with pytest.raises(OSError):
+        with staged_outputs():
+            for name in ("a.txt", "b.txt"):
+                with atomic_path(tmp_path / name) as tmp:
+                    tmp.write_text("new")
+                    last = tmp
+            last.unlink()  # the second rename fails (its temporary file is gone)
+    assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_staged_outputs_refuse_inputs(tmp_path):
+    from spotflat.fileio import atomic_path, staged_outputs
+
+    inp = tmp_path / "in.fits"
+    inp.write_text("data")
+    with pytest.raises(spotflat.InputError, match="one of the input files"):
+        with staged_outputs(inputs=[inp]):
+            with atomic_path(tmp_path / "in.fits") as tmp:
+                tmp.write_text("x")
+    assert inp.read_text() == "data" and sorted(p.name for p in tmp_path.iterdir()) == ["in.fits"]

@@ -272,6 +272,10 @@ class _Stage:
 
     def commit(self) -> None:
         """Rename every temporary file into place; on any failure undo all of them."""
+        for _, final in self.pending:  # what appeared since the checks: refuse before renaming anything
+            if os.path.lexists(final) and not final.is_file():
+                raise InputError("output path appeared during the run and is not a regular file", path=final,
+                                 expected="a regular file or a new name")
         done: list[tuple[Path, Path | None]] = []  # (final, backup of the file it replaced)
         try:
             for tmp, final in self.pending:
