@@ -25,7 +25,6 @@ import pytest
 from astropy.io import fits
 
 import spotflat
-from conftest import OBS_LSST, REAL_CATALOGUE
 from fuzzkit import (error_problems, flip_bytes, is_char_device, rewrite_table, run_cli, run_subprocess,
                      set_card, sim_flux_table, snapshot, truncate)
 from gridfiles import write_run
