@@ -14,16 +14,18 @@ raises :class:`Unsupported`, and callers fall back to astropy.
 from __future__ import annotations
 
 import errno
+import gzip
 import os
 import re
 import stat
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["Unsupported", "FitsFile", "read_fits"]
+__all__ = ["Unsupported", "Damaged", "FitsFile", "read_fits", "check_structure"]
 
 _BLOCK = 2880
 _CARD = 80
@@ -225,16 +227,23 @@ class FitsFile:
         For compressed or truncated files.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, data: bytes | None = None) -> None:
         self.path = Path(path)
         try:
-            self._open()
+            self._open(data)
         except Damaged as exc:
             raise InputError(f"damaged FITS file: {exc}", path=self.path,
                              expected="a FITS file as written (not edited or truncated)") from None
 
-    def _open(self) -> None:
-        self.buf = _read_bytes(self.path)
+    def _open(self, data: bytes | None) -> None:
+        self.buf = _read_bytes(self.path) if data is None else data
+        if self.buf[:2] == b"\x1f\x8b":
+            # gzip: decompress here, so that the sizes the header asks for are checked
+            # against the real data before astropy (or anyone) allocates them
+            try:
+                self.buf = gzip.decompress(self.buf)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise Damaged(f"corrupt or truncated gzip stream ({exc})") from None
         if not self.buf.startswith(b"SIMPLE  ="):
             raise Unsupported("not a plain FITS file")
         if len(self.buf) % _BLOCK:
@@ -331,6 +340,22 @@ class FitsFile:
             else:
                 out[name] = data[name].astype(data[name].dtype.newbyteorder("="))
         return out
+
+
+def check_structure(data: bytes, path: str | Path) -> None:
+    """Check the structural cards of FITS bytes against their length, before astropy reads them.
+
+    Raises
+    ------
+    InputError
+        For damaged or truncated structure (a header asking for more data
+        than there is), naming ``path``. Features this module does not read
+        (compression, odd padding) are left to astropy.
+    """
+    try:
+        FitsFile(path, data)
+    except Unsupported:
+        pass
 
 
 def read_fits(path: str | Path) -> FitsFile:

@@ -187,11 +187,16 @@ def _open_bytes(path: str) -> fits.HDUList:
         if raw[:2] == b"\x1f\x8b":
             # decompress once: astropy re-reads gzip streams per extension
             raw = gzip.decompress(raw)
+        from .fitstable import check_structure
+
+        check_structure(raw, path)  # sizes checked before astropy allocates what a damaged header asks
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             hdul = fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False)
             for hdu in hdul:  # touch every data unit: a truncated file fails here
                 _ = hdu.data
+    except InputError:
+        raise
     except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError) as exc:
         raise InputError(f"cannot read as FITS ({exc})", path=path,
                          expected="a FITS file (not truncated)") from None
