@@ -768,3 +768,32 @@ def test_staged_outputs_refuse_inputs(tmp_path):
             with atomic_path(tmp_path / "in.fits") as tmp:
                 tmp.write_text("x")
     assert inp.read_text() == "data" and sorted(p.name for p in tmp_path.iterdir()) == ["in.fits"]
+
+
+@pytest.mark.parametrize("damage", ["NAXIS2=1000000000", "TFIELDS='x'", "truncate"])
+def test_gzipped_grid_damaged_fails_fast(tmp_path, base, damage):
+    """Compressed files get the same structural checks (no allocation of what a damaged header asks)."""
+    import gzip
+
+    src = sorted(base["dm"].iterdir())[0]
+    p = tmp_path / "plain.fits"
+    shutil.copyfile(src, p)
+    if damage != "truncate":
+        key, value = damage.split("=")
+        set_card(p, 1, key, value)
+    gz = tmp_path / (src.name + ".gz")
+    gz.write_bytes(gzip.compress(p.read_bytes()))
+    if damage == "truncate":
+        truncate(gz, 0.5)
+    with pytest.raises(spotflat.InputError) as info:
+        spotflat.read_grids(gz)
+    assert gz.name in str(info.value)
+
+
+def test_gzipped_grid_reads_the_same(tmp_path, base):
+    import gzip
+
+    src = sorted(base["dm"].iterdir())[0]
+    gz = tmp_path / (src.name + ".gz")
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    assert np.array_equal(spotflat.read_grids(gz).flux, spotflat.read_grids(src).flux, equal_nan=True)

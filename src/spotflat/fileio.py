@@ -210,7 +210,7 @@ def reading(path: str | os.PathLike, what: str = "a FITS file") -> Iterator[None
     except OSError as exc:
         if exc.errno is None:  # astropy raises bare OSError for "Empty or corrupt FITS file"
             raise InputError(f"damaged or unreadable ({exc})", path=path, expected=what) from None
-        raise _os_error(exc, path, what) from None
+        raise _os_error(exc, Path(exc.filename) if exc.filename else path, what) from None
     except MemoryError:
         raise InputError("damaged header: it asks for more memory than the machine has", path=path,
                          expected=what) from None
