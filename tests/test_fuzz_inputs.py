@@ -797,3 +797,12 @@ def test_gzipped_grid_reads_the_same(tmp_path, base):
     gz = tmp_path / (src.name + ".gz")
     gz.write_bytes(gzip.compress(src.read_bytes()))
     assert np.array_equal(spotflat.read_grids(gz).flux, spotflat.read_grids(src).flux, equal_nan=True)
+
+
+@pytest.mark.parametrize("opts,name", [(["--noise", "nan"], "--noise"), (["--illumination", "inf"], "--illumination"),
+                                      (["--flat-mismatch", "treering", "--mismatch-amplitude", "nan"],
+                                       "--mismatch-amplitude")])
+def test_simulate_non_finite_options(tmp_path, opts, name):
+    before = snapshot(tmp_path)
+    out = run_cli(["simulate", tmp_path / "sim", "--ndither", "2", "-q", *opts])
+    _check_error(out, [name], before, [tmp_path], codes=(2,))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -103,6 +104,26 @@ def _refuse_empty(ptype: click.Path) -> None:
     ptype.convert = checked
 
 
+def _has_float(ptype) -> bool:
+    if isinstance(ptype, click.types.FloatParamType):
+        return True
+    return isinstance(ptype, click.Tuple) and any(isinstance(t, click.types.FloatParamType) for t in ptype.types)
+
+
+def _finite(callback):
+    """No option takes NaN or infinity: refuse them, naming the option, before any work."""
+
+    def check(ctx, param, value):
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        flat = [v for item in values for v in (item if isinstance(item, (tuple, list)) else (item,))]
+        bad = [v for v in flat if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise click.BadParameter(f"{bad[0]!r} is not a finite number (no nan or inf)", ctx=ctx, param=param)
+        return callback(ctx, param, value) if callback is not None else value
+
+    return check
+
+
 class _SpotflatGroup(click.Group):
     """Group that loads sub-commands lazily and turns data errors into exit 1."""
 
@@ -119,6 +140,8 @@ class _SpotflatGroup(click.Group):
             for param in cmd.params:
                 if isinstance(param.type, click.Path):
                     _refuse_empty(param.type)
+                if _has_float(param.type):
+                    param.callback = _finite(param.callback)
         return cmd
 
     def invoke(self, ctx: click.Context):
