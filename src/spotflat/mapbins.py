@@ -8,9 +8,10 @@ dithers cover cancels in bins of that size, while the noise per bin falls
 with the number of points in it.
 
 The noise is measured from the data, not from a noise model: the points are
-split into two interleaved halves (by the parity of spot + exposure index),
-each half is binned, and the half-difference of the two maps holds noise
-only (any structure fixed to the pixels is in both). The signal variance of
+split into two interleaved halves (by the parity of spot + exposure index,
+so every spot is in both), each half is made relative to its own per-spot
+means and binned, and the difference of the two maps holds noise only (any
+structure fixed to the pixels is in both). The signal variance of
 the map is its variance minus that noise. :func:`choose_map_bin` takes the
 largest bin with nearly the best signal-to-noise per bin and says when no
 bin size shows structure above the noise.
@@ -44,13 +45,16 @@ class MapBinning:
         Typical noise of one bin (the per-point noise over the square root
         of the median count), in the values' units.
     point_noise : float
-        Noise of one point, from the split-half difference.
+        Noise of one point in the map, from the split-half difference
+        (below the raw noise when the bins are as large as a spot's dithers:
+        the per-spot normalisation then cancels part of it).
     signal_rms : float
         RMS of the map's structure after the noise is removed (0 when the
         map is consistent with noise).
     significance : float
-        Excess of the map's chi-square over its number of bins, in standard
-        deviations of that chi-square: above ~5 the map holds structure.
+        Excess of the (robust) variance of the noise-standardised bins over
+        1, in standard deviations of that variance under noise alone: above
+        5 the map holds structure.
     detectable : bool
         Structure is detected (significance above the threshold) and its
         rms is at least half the per-bin noise, so it can be seen.
@@ -96,7 +100,7 @@ def _sums(idx, v, size):
 
 
 def map_noise(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int, int], bin: int,
-              valid: np.ndarray | None = None) -> MapBinning:
+              valid: np.ndarray | None = None, per_spot: bool = True) -> MapBinning:
     """Bin ``values`` and measure the map's noise and signal at one bin size.
 
     Parameters
@@ -110,6 +114,10 @@ def map_noise(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int
         Bin size in pixels.
     valid : numpy.ndarray, optional
         Points to use (default: all finite ones).
+    per_spot : bool
+        The values are relative to each spot's mean over its exposures (as
+        ``t``, ``q`` and ``d`` are): each half is made relative to its own
+        per-spot mean, so the noise of that mean counts as noise.
 
     Returns
     -------
@@ -131,15 +139,27 @@ def map_noise(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int
         ok &= np.asarray(valid, bool)
     k, j = np.nonzero(ok)
     xv, yv, vv = x[ok], y[ok], v[ok]
+    half = (k + j) % 2
+    hv = vv
+    if per_spot and v.shape[1] > 1:
+        # each half relative to its own per-spot mean: the noise of a spot's
+        # mean (few dithers) is then noise in the half-difference, as it is in
+        # the map, instead of a "structure" both halves share
+        key = 2 * k + half
+        cnt = np.bincount(key, minlength=2 * v.shape[0])
+        tot = np.bincount(key, weights=vv, minlength=2 * v.shape[0])
+        allc = np.bincount(k, minlength=v.shape[0])
+        allm = np.bincount(k, weights=vv, minlength=v.shape[0]) / np.maximum(allc, 1)
+        hv = vv - tot[key] / np.maximum(cnt[key], 1) + allm[k]
     idx, mshape = _bin_index(xv, yv, shape, bin)
     keep = idx >= 0
-    idx, vv, half = idx[keep], vv[keep], ((k + j) % 2)[keep]
+    idx, vv, hv, half = idx[keep], vv[keep], hv[keep], half[keep]
     size = mshape[0] * mshape[1]
     n, s = _sums(idx, vv, size)
     with np.errstate(invalid="ignore", divide="ignore"):
         m = np.where(n > 0, s / n, np.nan)
-        na, sa = _sums(idx[half == 0], vv[half == 0], size)
-        nb, sb = _sums(idx[half == 1], vv[half == 1], size)
+        na, sa = _sums(idx[half == 0], hv[half == 0], size)
+        nb, sb = _sums(idx[half == 1], hv[half == 1], size)
         both = (na > 0) & (nb > 0)
         z = (sa[both] / na[both] - sb[both] / nb[both]) / np.sqrt(1 / na[both] + 1 / nb[both])
     # per-point noise from the split-half differences: robust (MAD) so a few
@@ -151,14 +171,15 @@ def map_noise(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int
     noise = sigma / np.sqrt(med_n) if med_n > 0 else float("nan")
     signal, signif = 0.0, 0.0
     if nu.size >= 5 and np.isfinite(sigma) and sigma > 0:
+        # standardised bins: variance 1 for noise, 1 + signal^2 n / sigma^2 with
+        # structure; robust (MAD) like sigma, so a stray outlier point in one
+        # bin is neither noise nor signal
         mu = m[used]
-        w = nu / sigma ** 2  # inverse noise variance of each bin
-        mean = np.sum(w * mu) / np.sum(w)
-        chi2 = float(np.sum(w * (mu - mean) ** 2))
-        dof = nu.size - 1
-        signif = (chi2 - dof) / np.sqrt(2 * dof)
-        excess = np.mean((mu - mean) ** 2) - np.mean(sigma ** 2 / nu)
-        signal = float(np.sqrt(excess)) if excess > 0 else 0.0
+        zb = (mu - np.median(mu)) * np.sqrt(nu) / sigma
+        var = float((1.4826 * np.median(np.abs(zb - np.median(zb)))) ** 2)
+        # spread of a MAD variance from N normal values: 2.3 / sqrt(N) (both estimates)
+        signif = (var - 1.0) / (2.3 * np.sqrt(1.0 / nu.size + 1.0 / z.size))
+        signal = float(sigma * np.sqrt((var - 1.0) / med_n)) if var > 1.0 else 0.0
     detectable = bool(signif >= 5 and np.isfinite(noise) and signal >= 0.5 * noise)
     return MapBinning(bin=int(bin), map=m.reshape(mshape), count=n.reshape(mshape), noise=float(noise),
                       point_noise=sigma, signal_rms=signal, significance=float(signif), detectable=detectable)
@@ -166,6 +187,7 @@ def map_noise(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int
 
 def choose_map_bin(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int, int],
                    bins: tuple[int, ...] = DEFAULT_BINS, valid: np.ndarray | None = None,
+                   per_spot: bool = True,
                    min_count: float = 4.0, default_count: float = 25.0, tolerance: float = 0.8) -> MapBinning:
     """The bin size that shows the map's structure best, with its noise and signal.
 
@@ -188,6 +210,8 @@ def choose_map_bin(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tupl
         Candidate bin sizes in pixels.
     valid : numpy.ndarray, optional
         Points to use.
+    per_spot : bool
+        As for :func:`map_noise`.
     min_count, default_count : float
         Median points per bin needed to try a size, and wanted when nothing
         is detected.
@@ -199,7 +223,7 @@ def choose_map_bin(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tupl
     MapBinning
         With ``tried`` filled for every size.
     """
-    results = {b: map_noise(x, y, values, shape, b, valid=valid) for b in sorted(bins)}
+    results = {b: map_noise(x, y, values, shape, b, valid=valid, per_spot=per_spot) for b in sorted(bins)}
     tried = {b: (r.signal_rms, r.noise, r.significance) for b, r in results.items()}
     counts = {b: float(np.median(r.count[r.count > 0])) if (r.count > 0).any() else 0.0
               for b, r in results.items()}
