@@ -25,6 +25,7 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
     from ..calibration import build_calibration, write_calibration
     from ..grids import read_grids
     from ..pipeline import run_correlate, write_figures, write_outputs
+    from ..progress import progress_bar
     from ..simulate import simulate_run
 
     outdir = Path(outdir)
@@ -33,8 +34,9 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
     say = (lambda *a: None) if quiet else click.echo
     say(f"1/3 simulating {ndither} dithers of a 49 x 49 spot grid on {detector} "
         f"(flat mismatch: {mismatch}) ...")
-    sim = simulate_run(outdir / "sim", detector=detector, ndither=ndither, seed=seed, flat_mismatch=mismatch,
-                       mismatch_amplitude=amplitude, overwrite=True)
+    with progress_bar(ndither + 2, "Simulating", show=not quiet) as advance:
+        sim = simulate_run(outdir / "sim", detector=detector, ndither=ndither, seed=seed, flat_mismatch=mismatch,
+                           mismatch_amplitude=amplitude, overwrite=True, progress=advance)
     say("2/3 calibrating (F[k], s[j]) ...")
     grids = read_grids(sim.spot_files, progress=not quiet)
     cal = build_calibration(grids, stat="clipped", min_dithers=5)
@@ -113,7 +115,8 @@ def demo(outdir: Path, detector: str, ndither: int, mismatch: str, seed: int, qu
         ("flat mismatch", f"{mismatch} (rms {out['injected_rms']:.2e} at the spots)"),
         ("residual d", f"rms {out['residual_rms']:.2e}; correlation with the injected pattern "
                        f"r = {out['r_recovered']:.3f}"),
-        ("how to read", "t_vs_q.png: slope 1 means the flat describes the response; residual_map.png "
-                        "and mismatch_recovery.png: structure the flat misses; amp_residuals.png: per amp"),
+        ("how to read", "t_vs_q.png: binned means on the slope-1 line = the flat describes the spot flux; "
+                        "residual_map.png and mismatch_recovery.png: structure the flat misses "
+                        "(docs: Getting started, Reading the figures)"),
         ("time", f"{out['seconds']:.1f} s"),
     ])
