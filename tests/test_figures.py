@@ -267,3 +267,25 @@ def test_unit_scale_short_ticks():
     assert plots.unit_scale(np.array([2e-4]), "1/pix") == (1e6, "ppm/pix")
     assert plots.unit_scale(np.array([0.01]), "pix") == (1e3, "mpix")
     assert plots.unit_scale(np.array([2.0]), "pix") == (1.0, "pix")
+
+
+def test_shape_quantities_and_an_unnamed_detector(demo):
+    """xx, yy, xy figures and a detector the geometry does not know: still complete figures."""
+    import dataclasses
+
+    from astropy.table import Table
+
+    from spotflat.pipeline import CorrelateResult, correlate_quantities
+
+    res = demo[0]["result"]
+    comp = dataclasses.replace(res.comparison, detector="")
+    table, stats = correlate_quantities(comp, quantities=("flux", "xx", "yy", "xy"), nboot=10, nnull=10,
+                                        block="patch", patch_size=7)
+    bare = CorrelateResult(results=table, comparison=comp, stats=stats, variance={}, amp_summary=Table(),
+                           boundary_summary=None)
+    figs = render_figures(bare)
+    assert {"xx_vs_q.png", "yy_vs_q.png", "xy_vs_q.png", "residual_map.png"} <= set(figs)
+    assert "amp_residuals.png" not in figs and "residual_vs_boundary.png" not in figs
+    for name, fig in figs.items():
+        check_figure(name, fig)
+    assert "no simple expected relation" in _texts(figs["xy_vs_q.png"])
