@@ -81,6 +81,10 @@ def check_figure(name: str, fig: Figure) -> None:
             assert label and UNIT.search(label), f"{name}: colour bar label {label!r} has no unit"
         for axis in (ax.xaxis, ax.yaxis):
             assert not _overlaps(axis.get_ticklabels(), renderer), f"{name}: overlapping tick labels"
+    for cax in fig.axes:
+        if _is_colorbar(cax):
+            for axis in (cax.xaxis, cax.yaxis):
+                assert not _overlaps(axis.get_ticklabels(), renderer), f"{name}: overlapping colour-bar ticks"
     # one y axis per panel: no twin axes sharing a position
     boxes = [tuple(np.round(ax.get_position().bounds, 3)) for ax in axes]
     assert len(boxes) == len(set(boxes)), f"{name}: twin axes"
@@ -289,3 +293,20 @@ def test_shape_quantities_and_an_unnamed_detector(demo):
     for name, fig in figs.items():
         check_figure(name, fig)
     assert "no simple expected relation" in _texts(figs["xy_vs_q.png"])
+
+
+def test_the_check_catches_what_the_old_figures_did():
+    """The old scatter: no units, crowded tick labels (-0.00075-0.00050): the check fails on it."""
+    fig, ax = plots.new_axes()
+    x = np.linspace(-8.5e-4, 8.5e-4, 50)
+    ax.plot(x, x)
+    ax.set_xticks(np.arange(-7.5e-4, 7.6e-4, 1.25e-4))
+    ax.set_xlabel("dqdx")
+    ax.set_ylabel("dx")
+    ax.set_title("dx vs dqdx")
+    with pytest.raises(AssertionError, match="no unit"):
+        check_figure("old", fig)
+    ax.set_xlabel("dqdx [1/pix]")
+    ax.set_ylabel("dx [pix]")
+    with pytest.raises(AssertionError, match="overlapping"):
+        check_figure("old", fig)
