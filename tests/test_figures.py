@@ -283,8 +283,9 @@ def test_shape_quantities_and_an_unnamed_detector(demo):
 
     res = demo[0]["result"]
     comp = dataclasses.replace(res.comparison, detector="")
-    table, stats = correlate_quantities(comp, quantities=("flux", "xx", "yy", "xy"), nboot=10, nnull=10,
-                                        block="patch", patch_size=7)
+    out = correlate_quantities(comp, quantities=("flux", "xx", "yy", "xy"), nboot=10, nnull=10,
+                               block="patch", patch_size=7)
+    table, stats = out[0], out[1]
     bare = CorrelateResult(results=table, comparison=comp, stats=stats, variance={}, amp_summary=Table(),
                            boundary_summary=None)
     figs = render_figures(bare)
