@@ -311,3 +311,27 @@ def test_the_check_catches_what_the_old_figures_did():
     ax.set_ylabel("dx [pix]")
     with pytest.raises(AssertionError, match="overlapping"):
         check_figure("old", fig)
+
+
+def test_figures_of_the_real_catalogue(real_catalogue, tmp_path):
+    """The real 2019 single-exposure catalogue: spot map and a binned flux map read without guessing."""
+    import shutil
+
+    import spotflat
+    from spotflat.geometry import ccd_shape
+
+    copy = tmp_path / real_catalogue.name
+    shutil.copy(real_catalogue, copy)
+    grids = spotflat.read_grids(copy)
+    f = grids.flux[:, 0]
+    rel = f / np.nanmedian(f) - 1
+    fig = plots.plot_spot_map(grids.x[:, 0], grids.y[:, 0], f, detector=grids.detector,
+                              title=f"Spot flux ({grids.detector}, real)", label="flux [counts]")
+    check_figure("real spot map", fig)
+    shape = ccd_shape(grids.detector)
+    c = choose_map_bin(grids.x, grids.y, rel[:, None], shape, per_spot=False)
+    assert np.isfinite(c.noise) and c.bin in c.tried
+    fig = plots.plot_ccd_map(c.map, bin=c.bin, detector=grids.detector, title="Spot flux / median − 1 (real)",
+                             label="flux / median − 1", unit="", symmetric=True, center=0.0, count=c.count,
+                             cmap="RdBu_r", note=c.describe(*plots.unit_scale(c.map)))
+    check_figure("real flux map", fig)

@@ -124,7 +124,7 @@ def draw_amp_boundaries(ax, detector: str, color: str = "k", lw: float = 0.6, la
 # ---------------------------------------------------------------- units and limits
 
 #: (factor, unit) for small relative quantities, chosen by their typical size
-_RELATIVE = ((2e-3, 1e6, "ppm"), (0.5, 1e2, "%"))
+_RELATIVE = ((2e-3, 1e6, "ppm"), (np.inf, 1e2, "%"))
 
 
 def unit_scale(values: np.ndarray, unit: str = "") -> tuple[float, str]:
