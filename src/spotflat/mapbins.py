@@ -75,6 +75,8 @@ class MapBinning:
     def describe(self, scale: float = 1.0, unit: str = "") -> str:
         """One line for a figure: bin, per-bin noise, signal rms and whether structure shows."""
         u = f" {unit}" if unit else ""
+        if not np.isfinite(self.noise):
+            return f"{self.bin}-px bins: too few points per bin to measure the noise"
         noise, sig = self.noise * scale, self.signal_rms * scale
         head = f"{self.bin}-px bins: per-bin noise {noise:.3g}{u}, signal rms {sig:.3g}{u}"
         if self.detectable:
