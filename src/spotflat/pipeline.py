@@ -154,6 +154,8 @@ class CorrelateResult:
     amp_summary, boundary_summary : astropy.table.Table
     files : list of pathlib.Path
         Files written (empty until :func:`write_outputs`).
+    removed_figures : list of pathlib.Path
+        Stale spotflat figures of an earlier run removed by :func:`write_figures`.
     """
 
     results: Table
@@ -163,6 +165,7 @@ class CorrelateResult:
     amp_summary: Table
     boundary_summary: Table | None
     files: list = field(default_factory=list)
+    removed_figures: list = field(default_factory=list)
 
 
 def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 1000, nnull: int = 1000,
@@ -326,52 +329,36 @@ def _write_outputs(res: CorrelateResult, outdir: Path, figures: bool) -> list[Pa
     return files
 
 
-def write_figures(res: CorrelateResult, outdir: str | os.PathLike, bin: int = 128) -> list[Path]:
-    """PNG figures: spot flux map, t / q / residual maps, t vs q, histogram, per-amp bars.
+def write_figures(res: CorrelateResult, outdir: str | os.PathLike, bin: int | None = None,
+                  extra: dict | None = None) -> list[Path]:
+    """PNG figures: spot flux map, t / q / residual maps, t vs q, histogram, per-amp bars, ...
+
+    The figures (:func:`spotflat.figures.render_figures`) are staged and
+    moved into ``outdir`` together; spotflat figures of an earlier run in
+    ``outdir`` that this run does not make are removed and listed in
+    ``res.removed_figures`` (a user's other files are never touched).
+
+    Parameters
+    ----------
+    res : CorrelateResult
+    outdir : str or os.PathLike
+    bin : int, optional
+        Bin size of the maps (pixels); default chosen from the residual's
+        signal and noise.
+    extra : dict, optional
+        Further figures (file name -> Figure) written in the same set.
 
     Returns
     -------
     list of pathlib.Path
+        The PNG files written (a :class:`spotflat.figures.FigureFiles`).
     """
-    from . import geometry, plots
+    from .figures import render_figures, write_figure_set
 
-    outdir = Path(outdir)
-    comp = res.comparison
-    det = comp.detector or None
-    spots = comp.calib.spots
-    files = []
-    label = f" ({det})" if det else ""
-    fig = plots.plot_spot_map(spots["x"], spots["y"], spots["flux"], detector=det,
-                              title=f"Spot mean flux F[k]{label}", label="F [counts]")
-    files.append(plots.save_figure(fig, outdir / "spot_flux_map.png"))
-    shape = geometry.ccd_shape(det) if det else (int(np.nanmax(comp.y)) + 1, int(np.nanmax(comp.x)) + 1)
-    for name, values, title, sym in (("t_map", comp.t, "Spot relative throughput t", True),
-                                     ("q_map", comp.q, "Flat relative response q at the spots", True),
-                                     ("residual_map", comp.d, "Residual d = t/q - 1", True)):
-        m = binned_map(comp.x, comp.y, values, shape, bin=bin)
-        fig = plots.plot_ccd_map(m, bin=bin, detector=det, title=f"{title}{label}, {bin}-pixel bins",
-                                 label=name.split("_")[0], symmetric=sym, cmap="RdBu_r")
-        files.append(plots.save_figure(fig, outdir / f"{name}.png"))
-    flux = res.stats.get("flux")
-    fig = plots.plot_t_vs_q(comp.t, comp.q, slope=getattr(flux, "slope", None),
-                            slope_err=getattr(flux, "slope_err", None), r=getattr(flux, "r", None),
-                            r_err=getattr(flux, "r_err_block", None))
-    files.append(plots.save_figure(fig, outdir / "t_vs_q.png"))
-    fig = plots.plot_residual_hist(comp.d, expected_rms=_expected_rms(comp))
-    files.append(plots.save_figure(fig, outdir / "residual_hist.png"))
-    if len(res.amp_summary):
-        fig = plots.plot_amp_bars(res.amp_summary, title=f"Mean residual per amplifier{label}")
-        files.append(plots.save_figure(fig, outdir / "amp_residuals.png"))
-    if res.boundary_summary is not None and len(res.boundary_summary):
-        fig = plots.plot_distance_profile(res.boundary_summary)
-        files.append(plots.save_figure(fig, outdir / "residual_vs_boundary.png"))
-    for quantity, st in res.stats.items():
-        if quantity == "flux":
-            continue
-        a, b, against = quantity_pair(comp, quantity)
-        fig = plots.plot_t_vs_q(a, b, slope=st.slope, slope_err=st.slope_err, r=st.r, r_err=st.r_err_block,
-                                title=f"{quantity} vs {against}", xlabel=against, ylabel=quantity)
-        files.append(plots.save_figure(fig, outdir / f"{quantity}_vs_{against}.png"))
+    figs = render_figures(res, bin=bin)
+    figs.update(extra or {})
+    files = write_figure_set(figs, outdir)
+    res.removed_figures = list(files.removed)
     return files
 
 

@@ -173,4 +173,7 @@ def print_summary(res, outdir: Path, files) -> None:
     rows.append(("residual d", f"rms {np.std(d):.3e}, mean {np.mean(d):+.2e}"))
     rows.append(("results", str(Path(outdir) / "results.ecsv")))
     rows.append(("figures", f"{sum(1 for f in files if str(f).endswith('.png'))} PNG files in {outdir}"))
+    if getattr(res, "removed_figures", None):
+        rows.append(("", "removed stale figures of an earlier run: "
+                         + ", ".join(p.name for p in res.removed_figures)))
     echo_summary(f"Spot-vs-flat correlation for {comp.detector or 'unnamed detector'}:", rows)
