@@ -107,9 +107,17 @@ def _quiet() -> Iterator[None]:
 
 
 def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
-                    maxiter: int = 50, tol: float = 1e-10
+                    maxiter: int = 50, tol: float = 1e-10, x: np.ndarray | None = None,
+                    y: np.ndarray | None = None, exclude: np.ndarray | None = None,
+                    segment: tuple[float, float] | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
     """Jointly estimate spot means ``F`` and exposure scales ``s``.
+
+    Points are rejected against their expectation, not only against their
+    spot's mean: a point far from ``F[k] s[j]`` is kept when the other points
+    that landed near the same pixels (given ``x``, ``y``) deviate the same way
+    -- real response structure such as an amplifier seam or an edge, which
+    the spot-vs-flat comparison is there to measure.
 
     Parameters
     ----------
@@ -125,6 +133,17 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
         Maximum number of alternations.
     tol : float
         Stop when ``F`` and ``s`` change by less than this (relative).
+    x, y : numpy.ndarray, optional
+        CCD positions of the points, shape of ``flux``: turns on the local
+        expectation (see above). Without them a point is judged against
+        ``F[k] s[j]`` alone.
+    exclude : numpy.ndarray of bool, optional
+        Exposures left out of ``F`` and ``s`` (bad exposures found by the
+        quality control). Their ``s[j]`` is then fitted against ``F`` alone
+        (a robust mean of ``f/F``) and none of their points is ``used``.
+    segment : (float, float), optional
+        Amplifier size (``nx``, ``ny`` pixels): neighbourhoods for the local
+        expectation never straddle an amplifier seam.
 
     Returns
     -------
@@ -157,9 +176,31 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     finite &= f > 0
     if not finite.any():
         raise InputError("all fluxes are NaN or non-positive", expected="some measured spots")
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != (f.shape[1],):
+            raise InputError(f"exclude has shape {exclude.shape}, expected ({f.shape[1]},)")
+        if exclude.any():
+            if exclude.all():
+                raise InputError("every exposure is excluded", expected="at least one good exposure")
+            keep = ~exclude
+            sub = lambda a: None if a is None else np.asarray(a)[:, keep]  # noqa: E731
+            F, s_in, used_in, it, ok = estimate_scales(f[:, keep], stat, sigma, maxiter, tol,
+                                                       sub(x), sub(y), None, segment)
+            s = np.full(f.shape[1], np.nan)
+            s[keep] = s_in
+            s[exclude] = _fit_scales(f[:, exclude], F, sigma)
+            used = np.zeros(f.shape, dtype=bool)
+            used[:, keep] = used_in
+            return F, s, used, it, ok
     if stat == "median":
-        return _median_scales(f, finite, maxiter, tol)
+        F, s, used, it, ok = _median_scales(f, finite, maxiter, tol)
+        return F, _finite_scales(f, F, s, sigma), used, it, ok
     clipped = stat == "clipped"
+    local = None
+    if clipped and x is not None and y is not None:
+        local = _Neighbourhoods(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
+                                finite, segment)
     nspot, nexp = f.shape
     # the work goes by blocks of spots: each block's temporaries stay in cache and
     # no [spot, exposure]-sized array is made (fresh memory costs more than the sums)
@@ -186,8 +227,12 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
         if clipped:
             with np.errstate(invalid="ignore", divide="ignore"):
                 invF, invs = 1.0 / F_new, 1.0 / s_new
+                scale = np.empty(nspot)
                 for b in blocks:
-                    new_used[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma, robust=it == 1)
+                    new_used[b], scale[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma,
+                                                  robust=it == 1)
+                if local is not None:
+                    local.rescue(f, finite, new_used, invF, invs, scale, sigma)
         F, s = F_new, s_new
         changed = clipped and not np.array_equal(new_used, used)
         if changed:
@@ -198,7 +243,109 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
         if not changed and change < tol and it > 1:
             converged = True
             break
-    return F, s, used, it, converged
+    return F, _finite_scales(f, F, s, sigma), used, it, converged
+
+
+def _fit_scales(f: np.ndarray, F: np.ndarray, sigma: float) -> np.ndarray:
+    """``s[j]`` of each column of ``f`` against fixed ``F``: a clipped mean of ``f/F``.
+
+    Starts from the median and rejects against it with a MAD scale, so that
+    an exposure partly (even mostly) wrong still gets a finite scale from its
+    largest consistent part.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+        r = f / F[:, None]
+        r[~(np.isfinite(r) & (r > 0))] = np.nan
+        med = _nanmedian(r, 0)
+        for _ in range(3):
+            dev = np.abs(r / med[None, :] - 1.0)
+            mad = 1.4826 * _nanmedian(dev, 0)
+            ok = dev <= sigma * np.maximum(mad, 1e-12)[None, :]
+            med = np.nansum(np.where(ok, r, 0.0), 0) / np.count_nonzero(ok, 0)
+    return med
+
+
+def _finite_scales(f: np.ndarray, F: np.ndarray, s: np.ndarray, sigma: float) -> np.ndarray:
+    """Give every exposure with measured spots a finite ``s`` (one whose points were all
+    rejected gets its robust scale against ``F``), never a NaN."""
+    bad = ~np.isfinite(s)
+    if bad.any():
+        s = s.copy()
+        s[bad] = _fit_scales(f[:, bad], F, sigma)
+    return s
+
+
+class _Neighbourhoods:
+    """Cells of CCD pixels, for the local expectation of a point's throughput.
+
+    The cell size adapts to the density of points (about 8 per cell, between
+    8 and 64 pixels); cells are aligned with the amplifier segments when their
+    size is known, so none straddles a seam.
+    """
+
+    MIN_POINTS = 5
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, finite: np.ndarray,
+                 segment: tuple[float, float] | None) -> None:
+        ok = finite & np.isfinite(x) & np.isfinite(y)
+        self.ok = ok
+        self._cells = None
+        self.x, self.y = x, y
+        self.segment = segment
+
+    def cells(self) -> np.ndarray:
+        if self._cells is None:
+            ok, x, y = self.ok, self.x, self.y
+            npts = max(int(np.count_nonzero(ok)), 1)
+            with np.errstate(invalid="ignore"):
+                xs = np.where(ok, x, 0.0) + 0.5  # pixel edges at integers
+                ys = np.where(ok, y, 0.0) + 0.5
+            area = max(float(xs[ok].max() - xs[ok].min()) * float(ys[ok].max() - ys[ok].min()), 1.0) \
+                if ok.any() else 1.0
+            cell = float(np.clip(np.sqrt(8.0 * area / npts), 8.0, 64.0))
+            if self.segment is not None:
+                sx, sy = self.segment
+                ix = np.floor(xs / sx)
+                iy = np.floor(ys / sy)
+                cx = ix * np.ceil(sx / cell) + np.floor((xs - ix * sx) / cell)
+                cy = iy * np.ceil(sy / cell) + np.floor((ys - iy * sy) / cell)
+            else:
+                cx, cy = np.floor(xs / cell), np.floor(ys / cell)
+            cx -= cx[ok].min() if ok.any() else 0
+            cy -= cy[ok].min() if ok.any() else 0
+            ny = int(cy[ok].max()) + 1 if ok.any() else 1
+            cid = (cx * ny + cy).astype(np.int64)
+            cid[~ok] = -1
+            self._cells = cid
+            self.ncell = int(cid.max()) + 2
+        return self._cells
+
+    def rescue(self, f, finite, used, invF, invs, scale, sigma) -> None:
+        """Put back (in ``used``) the rejected points that agree with their neighbourhood."""
+        cand = finite & ~used & self.ok
+        if not cand.any():
+            return
+        cid = self.cells()
+        lut = np.zeros(self.ncell, dtype=bool)
+        lut[cid[cand]] = True
+        lut[-1] = False
+        ks, js = np.nonzero(lut[cid] & self.ok)
+        c = cid[ks, js]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = f[ks, js] * invF[ks] * invs[js] - 1.0
+        order = np.lexsort((r, c))
+        c, r, ks, js = c[order], r[order], ks[order], js[order]
+        start = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        count = np.diff(np.r_[start, c.size])
+        lo = start + (count - 1) // 2
+        hi = start + count // 2
+        med = np.repeat(0.5 * (r[lo] + r[hi]), count)
+        enough = np.repeat(count >= self.MIN_POINTS, count)
+        with np.errstate(invalid="ignore"):
+            agree = np.abs(r - med) <= sigma * np.maximum(scale[ks], 1e-12)
+        back = ~used[ks, js] & enough & agree & np.isfinite(r)
+        if back.any():
+            used[ks[back], js[back]] = True
 
 
 def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):
@@ -234,7 +381,7 @@ def _keep(f: np.ndarray, finite: np.ndarray, used: np.ndarray, invF: np.ndarray,
         mean = r0.sum(axis=1, keepdims=True) / n
         r0 *= resid
         scale = np.sqrt(np.maximum(r0.sum(axis=1, keepdims=True) / n - mean ** 2, 0.0) * n / (n - 1))
-    return finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12))
+    return finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12)), scale[:, 0]
 
 
 def _median_scales(f: np.ndarray, finite: np.ndarray, maxiter: int, tol: float):
@@ -279,12 +426,16 @@ class Calibration:
         (measured, positive and not clipped). Stored in the FITS catalogue
         (HDU ``USED``); None for a catalogue read from ECSV or written by an
         earlier spotflat.
+    qc : astropy.table.Table or None
+        Per-exposure quality-control metrics (:func:`spotflat.qc.run_qc`);
+        written as ``qc.ecsv`` beside the catalogue by ``spotflat calibrate``.
     """
 
     spots: Table
     exposures: Table
     meta: dict = field(default_factory=dict)
     used: np.ndarray | None = None
+    qc: Table | None = None
 
     @property
     def detector(self) -> str:
@@ -359,8 +510,24 @@ def check_matches(calib: Calibration, grids: SpotGrids) -> None:
         raise InputError(f"calibration is for {det}, spot data for {grids.detector}")
 
 
+def _segment(detector: str) -> tuple[float, float] | None:
+    """Amplifier size (nx, ny) of a known detector, for the point rejection's neighbourhoods."""
+    if not detector:
+        return None
+    try:
+        from .geometry import get_camera
+
+        d = get_camera().detector(detector)
+        nrow, ncol = d.type.amp_grid.shape
+        ny, nx = d.shape
+        return nx / ncol, ny / nrow
+    except Exception:  # unknown name: no seams to align to
+        return None
+
+
 def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int = 3,
-                      sigma: float = 4.0, maxiter: int = 50, tol: float = 1e-10) -> Calibration:
+                      sigma: float = 4.0, maxiter: int = 50, tol: float = 1e-10,
+                      qc=True) -> Calibration:
     """Build the calibration catalogue from stacked processed-grid data.
 
     Parameters
@@ -375,6 +542,11 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         NaN ``flux``: their mean is too poorly known to compare with the flat.
     sigma, maxiter, tol
         Passed to :func:`estimate_scales`.
+    qc : bool or spotflat.qc.QCOptions
+        Exposure-level quality control (:func:`spotflat.qc.run_qc`, on by
+        default): outlier exposures are left out of ``F`` and ``s`` and kept
+        in the EXPOSURES table with ``used = False`` and a ``reason``.
+        ``False`` fits every exposure (the point-level rejection stays).
 
     Returns
     -------
@@ -397,7 +569,19 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         raise InputError(f"only {grids.nexp} exposure(s), fewer than min_dithers={min_dithers}",
                          expected="more dithers, or a lower --min-dithers")
     f = grids.flux
-    F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol)
+    segment = _segment(grids.detector)
+    qc_result = None
+    if qc is False or qc is None:
+        F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol,
+                                                       x=grids.x, y=grids.y, segment=segment)
+    else:
+        from .qc import QCOptions, run_qc
+
+        opts = qc if isinstance(qc, QCOptions) else QCOptions()
+        qc_result = run_qc(grids, stat=stat, sigma=sigma, options=opts, segment=segment,
+                           maxiter=maxiter, tol=tol)
+        F, s, used, niter, converged = qc_result.fit
+        f = grids.flux  # re-registration relabels in place
     # every per-point quantity below goes through one work array (see _masked)
     buf = np.empty_like(f)
     measured = np.isfinite(f) & np.isfinite(s)[None, :]
@@ -459,6 +643,21 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     spots["flux"].description = f"F[k], {stat} of f/s over dithers"
 
     exposures = grids.exposures.copy()
+    counts = grids.flag_counts()
+    exposures["nfar"] = counts["far"].astype(np.int64)
+    exposures["nambiguous"] = counts["ambiguous"].astype(np.int64)
+    excluded = ~used.any(axis=0) & measured.any(axis=0)  # left out by the exposure QC
+    exposures["nclipped"] = np.where(excluded, 0, np.count_nonzero(measured & ~used, axis=0)).astype(np.int64)
+    if qc_result is not None:
+        q = qc_result.table
+        exposures["used"] = np.asarray(q["used"], dtype=bool)
+        exposures["reason"] = np.asarray([r or "-" for r in q["reason"]], dtype=str)
+        for c in ("t_scatter", "pattern_r", "rejected_fraction", "x_centre", "y_centre",
+                  "registration", "bf_flag"):
+            exposures[c] = q[c]
+    else:
+        exposures["used"] = np.ones(len(exposures), dtype=bool)
+        exposures["reason"] = np.full(len(exposures), "-", dtype=str)
     good = used & valid[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         nused = np.count_nonzero(good, axis=0)
@@ -507,8 +706,19 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         "CONVERGD": bool(converged),
         "INPUTDIR": common,
         "SERRMETH": "measured" if measured_err else "scatter",
+        "MAXOFFS": float(grids.meta.get("max_offset", 0.0)) if np.isfinite(grids.meta.get("max_offset", 0.0)) else 0.0,
+        "NFAR": int(exposures["nfar"].sum()),
+        "NAMBIG": int(exposures["nambiguous"].sum()),
+        "NCLIPPED": int(exposures["nclipped"].sum()),
+        "NEXCL": int(np.count_nonzero(~np.asarray(exposures["used"]))),
+        "QC": qc_result is not None,
     }
-    return Calibration(spots=spots, exposures=exposures, meta=meta, used=used)
+    if qc_result is not None:
+        meta["NREGIST"] = len(qc_result.registered)
+        if qc_result.spot_bf is not None:
+            spots["bf_flag"] = qc_result.spot_bf
+    return Calibration(spots=spots, exposures=exposures, meta=meta, used=used,
+                       qc=None if qc_result is None else qc_result.table)
 
 
 def _hdu(table: Table, name: str) -> fits.BinTableHDU:
