@@ -278,74 +278,103 @@ def _finite_scales(f: np.ndarray, F: np.ndarray, s: np.ndarray, sigma: float) ->
 class _Neighbourhoods:
     """Cells of CCD pixels, for the local expectation of a point's throughput.
 
-    The cell size adapts to the density of points (about 8 per cell, between
+    The cell size adapts to the density of points (about 16 per cell, between
     8 and 64 pixels); cells are aligned with the amplifier segments when their
-    size is known, so none straddles a seam.
+    size is known, so none straddles a seam. A point whose cell holds fewer
+    than :attr:`MIN_POINTS` is judged in the cell twice (then four times) as
+    large, still inside its segment.
     """
 
     MIN_POINTS = 5
+    PER_CELL = 16.0
+    LEVELS = 3
 
     def __init__(self, x: np.ndarray, y: np.ndarray, finite: np.ndarray,
                  segment: tuple[float, float] | None) -> None:
-        ok = finite & np.isfinite(x) & np.isfinite(y)
-        self.ok = ok
-        self._cells = None
+        self.ok = finite & np.isfinite(x) & np.isfinite(y)
         self.x, self.y = x, y
         self.segment = segment
+        self._cells: dict = {}
+        self._cell = None
 
-    def cells(self) -> np.ndarray:
-        if self._cells is None:
-            ok, x, y = self.ok, self.x, self.y
-            npts = max(int(np.count_nonzero(ok)), 1)
+    def cells(self, level: int) -> tuple[np.ndarray, int]:
+        if level not in self._cells:
+            ok = self.ok
             with np.errstate(invalid="ignore"):
-                xs = np.where(ok, x, 0.0) + 0.5  # pixel edges at integers
-                ys = np.where(ok, y, 0.0) + 0.5
-            area = max(float(xs[ok].max() - xs[ok].min()) * float(ys[ok].max() - ys[ok].min()), 1.0) \
-                if ok.any() else 1.0
-            cell = float(np.clip(np.sqrt(8.0 * area / npts), 8.0, 64.0))
+                xs = np.where(ok, self.x, 0.0) + 0.5  # pixel edges at integers
+                ys = np.where(ok, self.y, 0.0) + 0.5
+            if self._cell is None:
+                npts = max(int(np.count_nonzero(ok)), 1)
+                area = max(float(np.ptp(xs[ok])) * float(np.ptp(ys[ok])), 1.0) if ok.any() else 1.0
+                self._cell = float(np.clip(np.sqrt(self.PER_CELL * area / npts), 8.0, 64.0))
+            cell = self._cell * 2 ** level
             if self.segment is not None:
                 sx, sy = self.segment
-                ix = np.floor(xs / sx)
-                iy = np.floor(ys / sy)
+                ix, iy = np.floor(xs / sx), np.floor(ys / sy)
                 cx = ix * np.ceil(sx / cell) + np.floor((xs - ix * sx) / cell)
                 cy = iy * np.ceil(sy / cell) + np.floor((ys - iy * sy) / cell)
             else:
                 cx, cy = np.floor(xs / cell), np.floor(ys / cell)
-            cx -= cx[ok].min() if ok.any() else 0
-            cy -= cy[ok].min() if ok.any() else 0
+            if ok.any():
+                cx -= cx[ok].min()
+                cy -= cy[ok].min()
             ny = int(cy[ok].max()) + 1 if ok.any() else 1
             cid = (cx * ny + cy).astype(np.int64)
             cid[~ok] = -1
-            self._cells = cid
-            self.ncell = int(cid.max()) + 2
-        return self._cells
+            self._cells[level] = (cid, int(cid.max()) + 2)
+        return self._cells[level]
 
     def rescue(self, f, finite, used, invF, invs, scale, sigma) -> None:
-        """Put back (in ``used``) the rejected points that agree with their neighbourhood."""
+        """Put back (in ``used``) the rejected points that agree with their neighbourhood.
+
+        ``t`` is relative to each spot's own mean, i.e. to the response
+        averaged over where that spot's dithers fell, which differs from spot
+        to spot near a seam. So each spot's median offset from the cell medians
+        along all its points is removed before a point is compared with its
+        cell.
+        """
         cand = finite & ~used & self.ok
         if not cand.any():
             return
-        cid = self.cells()
-        lut = np.zeros(self.ncell, dtype=bool)
-        lut[cid[cand]] = True
-        lut[-1] = False
-        ks, js = np.nonzero(lut[cid] & self.ok)
-        c = cid[ks, js]
+        spots = np.flatnonzero(cand.any(axis=1))
+        rows_ok = self.ok[spots]
         with np.errstate(invalid="ignore", divide="ignore"):
-            r = f[ks, js] * invF[ks] * invs[js] - 1.0
-        order = np.lexsort((r, c))
-        c, r, ks, js = c[order], r[order], ks[order], js[order]
-        start = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-        count = np.diff(np.r_[start, c.size])
-        lo = start + (count - 1) // 2
-        hi = start + count // 2
-        med = np.repeat(0.5 * (r[lo] + r[hi]), count)
-        enough = np.repeat(count >= self.MIN_POINTS, count)
-        with np.errstate(invalid="ignore"):
-            agree = np.abs(r - med) <= sigma * np.maximum(scale[ks], 1e-12)
-        back = ~used[ks, js] & enough & agree & np.isfinite(r)
-        if back.any():
-            used[ks[back], js[back]] = True
+            r_rows = f[spots] * invF[spots, None] * invs[None, :] - 1.0
+        r_rows[~rows_ok] = np.nan
+        for level in range(self.LEVELS):
+            if not cand.any():
+                return
+            cid, ncell = self.cells(level)
+            c_rows = np.where(rows_ok, cid[spots], -1)
+            lut = np.zeros(ncell, dtype=bool)
+            lut[c_rows[rows_ok]] = True
+            lut[-1] = False
+            ks, js = np.nonzero(lut[cid] & self.ok)
+            c = cid[ks, js]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = f[ks, js] * invF[ks] * invs[js] - 1.0
+            order = np.lexsort((r, c))
+            c, r = c[order], r[order]
+            start = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+            count = np.diff(np.r_[start, c.size])
+            lo, hi = start + (count - 1) // 2, start + count // 2
+            cells = c[start]
+            med_of = np.full(ncell, np.nan)
+            med_of[cells] = np.where(count >= self.MIN_POINTS, 0.5 * (r[lo] + r[hi]), np.nan)
+            d = r_rows - med_of[c_rows]  # each point against its cell, for the candidate spots
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                offset = np.nanmedian(d, axis=1)
+            offset = np.where(np.isfinite(offset), offset, 0.0)
+            judged = cand[spots] & np.isfinite(d)
+            with np.errstate(invalid="ignore"):
+                agree = np.abs(d - offset[:, None]) <= sigma * np.maximum(scale[spots], 1e-12)[:, None]
+            back = judged & agree
+            if back.any():
+                kb, jb = np.nonzero(back)
+                used[spots[kb], jb] = True
+            kj, jj = np.nonzero(judged)
+            cand[spots[kj], jj] = False
 
 
 def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):
