@@ -362,9 +362,7 @@ class _Neighbourhoods:
             med_of = np.full(ncell, np.nan)
             med_of[cells] = np.where(count >= self.MIN_POINTS, 0.5 * (r[lo] + r[hi]), np.nan)
             d = r_rows - med_of[c_rows]  # each point against its cell, for the candidate spots
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                offset = np.nanmedian(d, axis=1)
+            offset = _nanmedian(d, 1)
             offset = np.where(np.isfinite(offset), offset, 0.0)
             judged = cand[spots] & np.isfinite(d)
             with np.errstate(invalid="ignore"):

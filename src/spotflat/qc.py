@@ -82,8 +82,8 @@ class QCOptions:
     """
 
     threshold: float = 5.0
-    ratio: float = 2.5
-    min_rejected: float = 0.25
+    ratio: float = 3.0
+    min_rejected: float = 0.5
     keep: tuple = ()
     drop: tuple = ()
     register: bool = False
@@ -200,29 +200,23 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
         ``log f - log F`` under it (after refitting the exposure's scale) and
         that of the labels as given.
     """
+    from .calibration import _nanmedian
+
     k = np.flatnonzero(np.isfinite(logf))
     cands = grid_transforms(ncols, nrows, max_shift)
-    ident = _scatter_under(logf, logF, k, k)
     n_ident = np.count_nonzero(np.isfinite(logF[k]))
-    best, best_s = cands[0], ident
-    for tr in cands[1:]:
-        k2 = _mapped(k, ncols, nrows, tr)
-        ok = k2 >= 0
-        if np.count_nonzero(ok) < max(20, 0.5 * n_ident):
-            continue
-        kk, k2 = k[ok], k2[ok]
-        good = np.isfinite(logF[k2])
-        if np.count_nonzero(good) < max(20, 0.5 * n_ident):
-            continue
-        sc = _scatter_under(logf, logF, kk, k2)
-        if sc < best_s:
-            best, best_s = tr, sc
-    return best, best_s, ident
-
-
-def _scatter_under(logf, logF, k, k2) -> float:
-    d = logf[k] - logF[k2]
-    return _mad(d)
+    # all candidates at once: one row of log f - log F per transform
+    k2 = np.stack([_mapped(k, ncols, nrows, tr) for tr in cands])
+    d = logf[k][None, :] - np.where(k2 >= 0, logF[np.maximum(k2, 0)], np.nan)
+    n = np.count_nonzero(np.isfinite(d), axis=1)
+    med = _nanmedian(d, 1)
+    sc = 1.4826 * _nanmedian(np.abs(d - med[:, None]), 1)
+    sc[(n < max(20, 0.5 * n_ident)) & (np.arange(len(cands)) > 0)] = np.inf
+    ident = sc[0]
+    b = int(np.nanargmin(np.where(np.isfinite(sc), sc, np.inf))) if np.isfinite(sc).any() else 0
+    if not sc[b] < ident:
+        b = 0
+    return cands[b], float(sc[b]), float(ident)
 
 
 def apply_registration(grids: SpotGrids, j: int, tr) -> None:
