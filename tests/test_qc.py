@@ -105,6 +105,10 @@ def test_clean_run(clean):
     ("shift", {4: rd.shift_labels}),            # a 643-spot exposure one column off
     ("scale", {8: rd.scale_spots}),             # half its spots 5 % low
     ("two", {3: rd.scramble_labels, 8: lambda a, b: rd.shift_labels(a, b, dcol=-1)}),
+    # the case: 1000 of the grid's 2401 spots 5 % low, i.e. 2/3 of this exposure's
+    ("scale-1000", {2: lambda a, b: rd.scale_spots(a, b, fraction=1000 / 1490, seed=3)}),
+    ("scale-small", {9: rd.scale_spots}),       # the 452-spot exposure
+    ("scramble-small", {9: rd.scramble_labels}),
 ])
 def test_damaged_exposure_named_and_excluded(case, victims, run_files, clean, tmp_path):
     folder = _copy(run_files, tmp_path / case, victims)

@@ -12,6 +12,9 @@ then refits, until no exposure is an outlier. Per exposure (:class:`QCResult`
 
 ``t_scatter``
     robust (MAD) scatter of ``log t`` over the exposure's spots;
+``t_width``
+    the 10-90 % width of ``log t`` (as a Gaussian sigma): unlike the MAD it
+    sees a part of the spots (10-50 %) off by the same amount;
 ``pattern_r``
     Pearson correlation of ``log(f/s)`` with ``log F`` over the grid: the
     exposure's flux pattern against the consensus;
@@ -49,7 +52,7 @@ from .grids import DEFAULT_MAX_OFFSET, QUANTITIES, SpotGrids
 __all__ = ["QCOptions", "QCResult", "run_qc", "register_labels", "grid_transforms", "apply_registration"]
 
 #: Outlier reasons, in the order they are tested.
-REASONS = ("forced", "scatter", "rejected")
+REASONS = ("forced", "scatter", "width", "rejected")
 
 
 @dataclass
@@ -62,6 +65,9 @@ class QCOptions:
         Robust standard deviations above the reference for an outlier.
     ratio : float
         And at least this many times the reference (scatter, rejected fraction).
+    width_ratio : float
+        The same for the 10-90 % width of ``t``, which for good exposures is
+        steadier than the MAD (it averages over more of the spots).
     min_rejected : float
         A rejected fraction below this is never an outlier (cosmic rays, edges).
     keep, drop : sequence of str
@@ -83,6 +89,7 @@ class QCOptions:
 
     threshold: float = 5.0
     ratio: float = 3.0
+    width_ratio: float = 2.0
     min_rejected: float = 0.5
     keep: tuple = ()
     drop: tuple = ()
@@ -270,6 +277,10 @@ def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
     logt[~np.isfinite(logt)] = np.nan
     nexp = f.shape[1]
     scatter = np.array([_mad(logt[:, j]) for j in range(nexp)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q10, q90 = np.nanpercentile(logt, [10, 90], axis=0)
+    width = (q90 - q10) / 2.563  # a Gaussian's sigma; sees a coherent minority of 10-50 % of the spots
     ref = float(np.nanmedian(scatter[~exclude])) if np.isfinite(scatter[~exclude]).any() else np.nan
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -287,7 +298,7 @@ def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
             a, b = lf[m, j] - lf[m, j].mean(), logF[m] - logF[m].mean()
             den = np.sqrt((a * a).sum() * (b * b).sum())
             r[j] = (a * b).sum() / den if den > 0 else np.nan
-    return scatter, r, rejected, logt
+    return scatter, width, r, rejected, logt
 
 
 def _reference(m: np.ndarray) -> tuple[float, float]:
@@ -436,15 +447,17 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     tested: dict = {}
     while True:
         F, s, used = res[0], res[1], res[2]
-        scatter, r, rejected, logt = _metrics(grids, F, s, used, sigma, exclude)
+        scatter, width, r, rejected, logt = _metrics(grids, F, s, used, sigma, exclude)
         pool = ~exclude
         score = np.zeros(nexp)
         why = np.array([""] * nexp, dtype=object)
         # the pattern correlation is reported, not a rule of its own: how high a
         # good exposure's r is depends on the spread of F over its spots, and a
         # scrambled exposure already fails the scatter rule
-        for name, metric, floor in (("scatter", scatter, 0.0), ("rejected", rejected, opt.min_rejected)):
-            sc = _outliers(metric, pool, opt.threshold, opt.ratio, floor)
+        for name, metric, floor, ratio in (("scatter", scatter, 0.0, opt.ratio),
+                                           ("width", width, 0.0, opt.width_ratio),
+                                           ("rejected", rejected, opt.min_rejected, opt.ratio)):
+            sc = _outliers(metric, pool, opt.threshold, ratio, floor)
             better = sc > score
             why[better] = name
             score = np.maximum(score, sc)
@@ -488,9 +501,10 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     table = Table()
     table["filename"] = names
     table["used"] = ~exclude
-    table["reason"] = [_describe(reason[j], scatter[j], rejected[j], r[j], reg_name[j]) if exclude[j] else ""
+    table["reason"] = [_describe(reason[j], scatter[j], width[j], rejected[j], r[j], reg_name[j]) if exclude[j] else ""
                        for j in range(nexp)]
     table["t_scatter"] = scatter
+    table["t_width"] = width
     table["pattern_r"] = r
     table["rejected_fraction"] = rejected
     table["nfar"] = counts["far"]
@@ -505,15 +519,17 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     for c, u in (("x_centre", "pix"), ("y_centre", "pix")):
         table[c].unit = u
     table["t_scatter"].description = "robust (MAD) scatter of log t"
+    table["t_width"].description = "10-90 % width of log t / 2.563"
     table["flux_slope"].description = "d log t / d log peak"
     table["size_slope"].description = "d log size / d log peak (spot's mean divided out)"
     return QCResult(table=table, exclude=exclude, fit=res, registered=registered, spot_bf=spot_bf)
 
 
-def _describe(kind: str, scatter: float, rejected: float, r: float, reg: str) -> str:
+def _describe(kind: str, scatter: float, width: float, rejected: float, r: float, reg: str) -> str:
     if kind == "forced":
         return "dropped by the user"
     text = {"scatter": f"scatter of t {scatter:.2%}",
+            "width": f"10-90 % width of t {width:.2%} (a part of the spots off)",
             "rejected": f"{rejected:.0%} of points rejected",
             "pattern": f"flux pattern uncorrelated with the consensus (r = {r:.2f})"}.get(kind, kind)
     if reg != "identity":
