@@ -329,50 +329,43 @@ class _Neighbourhoods:
 
         ``t`` is relative to each spot's own mean, i.e. to the response
         averaged over where that spot's dithers fell, which differs from spot
-        to spot near a seam. So each spot's median offset from the cell medians
-        along all its points is removed before a point is compared with its
-        cell.
+        to spot near a seam. So the expectation is a small model fitted to the
+        points in use, ``log t[k, j] = r[cell] - a[k]`` (cell response, spot
+        offset; a few alternating means), and a rejected point comes back when
+        it is within ``sigma`` of its spot's scale of that expectation.
         """
         cand = finite & ~used & self.ok
         if not cand.any():
             return
-        spots = np.flatnonzero(cand.any(axis=1))
-        rows_ok = self.ok[spots]
+        nspot = f.shape[0]
         with np.errstate(invalid="ignore", divide="ignore"):
-            r_rows = f[spots] * invF[spots, None] * invs[None, :] - 1.0
-        r_rows[~rows_ok] = np.nan
+            lt = np.log(f * invF[:, None] * invs[None, :])
+        good = used & self.ok & np.isfinite(lt)
+        ltg = np.where(good, lt, 0.0)
+        kidx = np.broadcast_to(np.arange(nspot)[:, None], f.shape)
+        nk = np.bincount(kidx[good], minlength=nspot).astype(np.float64)
         for level in range(self.LEVELS):
             if not cand.any():
                 return
             cid, ncell = self.cells(level)
-            c_rows = np.where(rows_ok, cid[spots], -1)
-            lut = np.zeros(ncell, dtype=bool)
-            lut[c_rows[rows_ok]] = True
-            lut[-1] = False
-            ks, js = np.nonzero(lut[cid] & self.ok)
-            c = cid[ks, js]
+            cg = cid[good]
+            nc = np.bincount(cg, minlength=ncell).astype(np.float64)
+            r = np.zeros(ncell)
+            a = np.zeros(nspot)
             with np.errstate(invalid="ignore", divide="ignore"):
-                r = f[ks, js] * invF[ks] * invs[js] - 1.0
-            order = np.lexsort((r, c))
-            c, r = c[order], r[order]
-            start = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-            count = np.diff(np.r_[start, c.size])
-            lo, hi = start + (count - 1) // 2, start + count // 2
-            cells = c[start]
-            med_of = np.full(ncell, np.nan)
-            med_of[cells] = np.where(count >= self.MIN_POINTS, 0.5 * (r[lo] + r[hi]), np.nan)
-            d = r_rows - med_of[c_rows]  # each point against its cell, for the candidate spots
-            offset = _nanmedian(d, 1)
-            offset = np.where(np.isfinite(offset), offset, 0.0)
-            judged = cand[spots] & np.isfinite(d)
-            with np.errstate(invalid="ignore"):
-                agree = np.abs(d - offset[:, None]) <= sigma * np.maximum(scale[spots], 1e-12)[:, None]
-            back = judged & agree
+                for _ in range(3):
+                    a = np.bincount(kidx[good], weights=(r[cid] - ltg)[good], minlength=nspot) / nk
+                    a = np.where(nk > 0, a, 0.0)
+                    r = np.bincount(cg, weights=(ltg + a[:, None])[good], minlength=ncell) / nc
+                ks, js = np.nonzero(cand)
+                c = cid[ks, js]
+                enough = nc[c] >= self.MIN_POINTS
+                expect = r[c] - a[ks]
+                agree = np.abs(lt[ks, js] - expect) <= sigma * np.maximum(scale[ks], 1e-12)
+            back = enough & agree
             if back.any():
-                kb, jb = np.nonzero(back)
-                used[spots[kb], jb] = True
-            kj, jj = np.nonzero(judged)
-            cand[spots[kj], jj] = False
+                used[ks[back], js[back]] = True
+            cand[ks[enough], js[enough]] = False
 
 
 def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):

@@ -27,9 +27,11 @@ then refits, until no exposure is an outlier. Per exposure (:class:`QCResult`
     the transform of the grid labels (integer shift and one of the 8
     flips/rotations) that fits the consensus best, and how much better than
     the labels as given (ratio of scatters);
-``flux_slope``, ``size_slope``
-    dependence of ``t`` and of the spot size on the peak level (saturation and
-    brighter-fatter); ``bf_flag``.
+``flux_slope``, ``size_slope``, ``top_peak_t``
+    dependence of ``t`` and of the spot size on the peak level, and ``t`` of
+    the brightest tenth of the spots against the rest (saturation and
+    brighter-fatter); ``bf_flag`` when one is significant (5 sigma) and large
+    (0.2 % per e-fold of peak, 1 % at the top).
 
 The outlier rule, per metric ``m`` (larger is worse): the reference is the
 median of the better half of the exposures in use (so that up to half of a
@@ -351,6 +353,8 @@ def _slope(xv: np.ndarray, yv: np.ndarray) -> tuple[float, float]:
 
 
 def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, min_effect: float = 0.002, nsig: float = 5.0):
+    from .calibration import _nanmedian
+
     """Per exposure: slopes of log t and log(size / spot's mean size) on log peak; flags.
 
     Saturated spots lose flux at the top of the peak range (t falls with
@@ -366,10 +370,11 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, min_effect: float = 0.0
         ls = np.log(size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            ls_rel = ls - np.nanmean(np.where(np.isfinite(ls), ls, np.nan), axis=1, keepdims=True)
-            lp_rel = lp - np.nanmean(np.where(np.isfinite(lp), lp, np.nan), axis=1, keepdims=True)
+            # the spot's median over dithers: one odd exposure does not move the others
+            ls_rel = ls - _nanmedian(np.where(np.isfinite(ls), ls, np.nan), 1)[:, None]
+            lp_rel = lp - _nanmedian(np.where(np.isfinite(lp), lp, np.nan), 1)[:, None]
     nexp = grids.nexp
-    ft, st = np.full(nexp, np.nan), np.full(nexp, np.nan)
+    ft, st, top = np.full(nexp, np.nan), np.full(nexp, np.nan), np.full(nexp, np.nan)
     flag = np.zeros(nexp, dtype=bool)
     for j in range(nexp):
         b1, e1 = _slope(lp[:, j], logt[:, j])
@@ -377,6 +382,16 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, min_effect: float = 0.0
         ft[j], st[j] = b1, b2
         flag[j] = any(np.isfinite(b) and abs(b) > min_effect and abs(b) > nsig * e
                       for b, e in ((b1, e1), (b2, e2)))
+        # saturation bites at the top of the peak range only: t of the brightest
+        # tenth against the rest
+        m = np.isfinite(lp[:, j]) & np.isfinite(logt[:, j])
+        if m.sum() >= 50:
+            p, lt = lp[m, j], logt[m, j]
+            hi = p >= np.quantile(p, 0.9)
+            d = float(np.median(lt[hi]) - np.median(lt[~hi]))
+            err = 1.2533 * _mad(lt) * np.sqrt(1 / hi.sum() + 1 / (~hi).sum())
+            top[j] = d
+            flag[j] |= abs(d) > 5 * min_effect and abs(d) > nsig * err
     # per spot: size against peak across dithers (the spot's own lever arm)
     spot_bf = np.zeros(grids.nspot, dtype=bool)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -391,7 +406,7 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, min_effect: float = 0.0
                        - b[:, None] * (x0 - x0.sum(1, keepdims=True) / np.maximum(n, 1)[:, None]), 0.0)
         err = np.sqrt((res * res).sum(1) / np.maximum(n - 2, 1) / sxx)
         spot_bf = (n >= 5) & (b > min_effect) & (b > nsig * err)
-    return ft, st, flag, spot_bf
+    return ft, st, top, flag, spot_bf
 
 
 # ---------------------------------------------------------------------------- driver
@@ -489,7 +504,7 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
         res = fit(exclude)
 
     xc, yc = _grid_centres(grids)
-    ft, st, bf, spot_bf = _brighter_fatter(grids, logt)
+    ft, st, top, bf, spot_bf = _brighter_fatter(grids, logt)
     reg_name = np.array([tested[j][0][0] if j in tested and tested[j][1] * opt.reg_gain < tested[j][2]
                          else "identity" for j in range(nexp)], dtype=object)
     for n, tr in registered.items():
@@ -515,13 +530,15 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     table["reg_gain"] = gain
     table["flux_slope"] = ft
     table["size_slope"] = st
+    table["top_peak_t"] = top
     table["bf_flag"] = bf
     for c, u in (("x_centre", "pix"), ("y_centre", "pix")):
         table[c].unit = u
     table["t_scatter"].description = "robust (MAD) scatter of log t"
     table["t_width"].description = "10-90 % width of log t / 2.563"
     table["flux_slope"].description = "d log t / d log peak"
-    table["size_slope"].description = "d log size / d log peak (spot's mean divided out)"
+    table["size_slope"].description = "d log size / d log peak (spot's median divided out)"
+    table["top_peak_t"].description = "median log t of the brightest tenth of the peaks minus the rest's"
     return QCResult(table=table, exclude=exclude, fit=res, registered=registered, spot_bf=spot_bf)
 
 
