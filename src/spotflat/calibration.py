@@ -295,6 +295,7 @@ class _Neighbourhoods:
         self.x, self.y = x, y
         self.segment = segment
         self._cells: dict = {}
+        self._model: dict = {}
         self._cell = None
 
     def cells(self, level: int) -> tuple[np.ndarray, int]:
@@ -340,32 +341,39 @@ class _Neighbourhoods:
         nspot = f.shape[0]
         with np.errstate(invalid="ignore", divide="ignore"):
             lt = np.log(f * invF[:, None] * invs[None, :])
-        good = used & self.ok & np.isfinite(lt)
-        ltg = np.where(good, lt, 0.0)
-        kidx = np.broadcast_to(np.arange(nspot)[:, None], f.shape)
-        nk = np.bincount(kidx[good], minlength=nspot).astype(np.float64)
+        good = used & self.ok
+        good &= np.isfinite(lt)
+        # compressed to 1-D (one memory order for all, whatever each array's)
+        order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
+        sel = np.flatnonzero(good.ravel(order=order))
+        gk = np.unravel_index(sel, f.shape, order=order)[0]
+        gl = lt.ravel(order=order)[sel]
+        nk = np.bincount(gk, minlength=nspot).astype(np.float64)
+        ks, js = np.nonzero(cand)
+        lt_c = lt[ks, js]
         for level in range(self.LEVELS):
-            if not cand.any():
+            if ks.size == 0:
                 return
             cid, ncell = self.cells(level)
-            cg = cid[good]
-            nc = np.bincount(cg, minlength=ncell).astype(np.float64)
-            r = np.zeros(ncell)
-            a = np.zeros(nspot)
+            gc = cid.ravel(order=order)[sel]
+            nc = np.bincount(gc, minlength=ncell).astype(np.float64)
+            # warm start from the previous call's model: one alternation then suffices
+            warm = level in self._model
+            r = np.nan_to_num(self._model[level], nan=0.0) if warm else np.zeros(ncell)
             with np.errstate(invalid="ignore", divide="ignore"):
-                for _ in range(3):
-                    a = np.bincount(kidx[good], weights=(r[cid] - ltg)[good], minlength=nspot) / nk
-                    a = np.where(nk > 0, a, 0.0)
-                    r = np.bincount(cg, weights=(ltg + a[:, None])[good], minlength=ncell) / nc
-                ks, js = np.nonzero(cand)
+                for _ in range(1 if warm else 3):
+                    a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
+                    a[nk == 0] = 0.0
+                    r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
+                self._model[level] = r
                 c = cid[ks, js]
                 enough = nc[c] >= self.MIN_POINTS
-                expect = r[c] - a[ks]
-                agree = np.abs(lt[ks, js] - expect) <= sigma * np.maximum(scale[ks], 1e-12)
+                agree = np.abs(lt_c - (r[c] - a[ks])) <= sigma * np.maximum(scale[ks], 1e-12)
             back = enough & agree
             if back.any():
                 used[ks[back], js[back]] = True
-            cand[ks[enough], js[enough]] = False
+            rest = ~enough
+            ks, js, lt_c = ks[rest], js[rest], lt_c[rest]
 
 
 def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):

@@ -43,6 +43,7 @@ exposures, the spread keeps a tight run from excluding noise.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -190,6 +191,14 @@ def _mad(a: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(a - np.median(a))))
 
 
+@functools.lru_cache(maxsize=8)
+def _transform_table(ncols: int, nrows: int, max_shift: int):
+    """The candidates of :func:`grid_transforms` and, per candidate, every label's image."""
+    cands = grid_transforms(ncols, nrows, max_shift)
+    k = np.arange(ncols * nrows)
+    return cands, np.stack([_mapped(k, ncols, nrows, tr) for tr in cands])
+
+
 def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, max_shift: int = 2):
     """Best transform of one exposure's labels against the consensus pattern.
 
@@ -212,10 +221,10 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
     from .calibration import _nanmedian
 
     k = np.flatnonzero(np.isfinite(logf))
-    cands = grid_transforms(ncols, nrows, max_shift)
+    cands, table = _transform_table(ncols, nrows, max_shift)
     n_ident = np.count_nonzero(np.isfinite(logF[k]))
     # all candidates at once: one row of log f - log F per transform
-    k2 = np.stack([_mapped(k, ncols, nrows, tr) for tr in cands])
+    k2 = table[:, k]
     d = logf[k][None, :] - np.where(k2 >= 0, logF[np.maximum(k2, 0)], np.nan)
     n = np.count_nonzero(np.isfinite(d), axis=1)
     med = _nanmedian(d, 1)
@@ -278,29 +287,72 @@ def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
     logt[~good_F] = np.nan
     logt[~np.isfinite(logt)] = np.nan
     nexp = f.shape[1]
-    scatter = np.array([_mad(logt[:, j]) for j in range(nexp)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        q10, q90 = np.nanpercentile(logt, [10, 90], axis=0)
+    med, scatter, q10, q90 = _column_stats(logt)
     width = (q90 - q10) / 2.563  # a Gaussian's sigma; sees a coherent minority of 10-50 % of the spots
     ref = float(np.nanmedian(scatter[~exclude])) if np.isfinite(scatter[~exclude]).any() else np.nan
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = np.abs(logt - np.nanmedian(logt, axis=0)) > sigma * ref
+        out = np.abs(logt - med[None, :]) > sigma * ref
     nfin = np.count_nonzero(np.isfinite(logt), axis=0)
     nflag = np.count_nonzero(grids.flags != 0, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         rejected = (np.count_nonzero(out, axis=0) + nflag) / (nfin + nflag)
         logF = np.log(np.where(good_F, F, np.nan))
         lf = np.log(f / s[None, :])
-    r = np.full(nexp, np.nan)
-    for j in range(nexp):
-        m = np.isfinite(lf[:, j]) & np.isfinite(logF) & ~out[:, j]
-        if m.sum() >= 3:
-            a, b = lf[m, j] - lf[m, j].mean(), logF[m] - logF[m].mean()
-            den = np.sqrt((a * a).sum() * (b * b).sum())
-            r[j] = (a * b).sum() / den if den > 0 else np.nan
+    m = np.isfinite(lf) & np.isfinite(logF)[:, None] & ~out
+    r = _masked_corr(np.where(m, lf, 0.0), np.where(m, logF[:, None], 0.0), m)
     return scatter, width, r, rejected, logt
+
+
+def _column_stats(a: np.ndarray):
+    """Per column (NaN-aware, one sort): median, MAD scatter, 10th and 90th percentiles."""
+    from .calibration import _sorted_median
+
+    srt = np.sort(a, axis=0)  # NaNs last
+    n = np.count_nonzero(np.isfinite(srt), axis=0)
+    cols = np.arange(a.shape[1])
+
+    def at(q):
+        pos = np.clip(q * (n - 1), 0, None)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+        w = pos - lo
+        v = srt[lo, cols] * (1 - w) + srt[hi, cols] * w
+        return np.where(n > 0, v, np.nan)
+
+    med = at(0.5)
+    with np.errstate(invalid="ignore"):
+        dev = np.sort(np.abs(a - med[None, :]), axis=0)
+    mad = 1.4826 * _sorted_median(dev.T)
+    return med, np.where(n > 0, mad, np.nan), at(0.1), at(0.9)
+
+
+def _masked_corr(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Pearson correlation per column over the points in ``m`` (x, y zero elsewhere)."""
+    n = np.count_nonzero(m, axis=0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx, my = x.sum(0) / n, y.sum(0) / n
+        sxy = (x * y).sum(0) / n - mx * my
+        sxx = (x * x).sum(0) / n - mx * mx
+        syy = (y * y).sum(0) / n - my * my
+        r = sxy / np.sqrt(sxx * syy)
+    return np.where(n >= 3, r, np.nan)
+
+
+def _masked_slope(x: np.ndarray, y: np.ndarray, m: np.ndarray):
+    """Least-squares slope of y on x per column over ``m``, and its standard error."""
+    n = np.count_nonzero(m, axis=0).astype(np.float64)
+    x0, y0 = np.where(m, x, 0.0), np.where(m, y, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx, my = x0.sum(0) / n, y0.sum(0) / n
+        sxx = (x0 * x0).sum(0) - n * mx * mx
+        sxy = (x0 * y0).sum(0) - n * mx * my
+        syy = (y0 * y0).sum(0) - n * my * my
+        b = sxy / sxx
+        res = np.maximum(syy - b * sxy, 0.0)
+        err = np.sqrt(res / np.maximum(n - 2, 1) / sxx)
+    ok = (n >= 20) & (sxx > 0)
+    return np.where(ok, b, np.nan), np.where(ok, err, np.nan)
 
 
 def _reference(m: np.ndarray) -> tuple[float, float]:
@@ -370,28 +422,34 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, min_effect: float = 0.0
         ls = np.log(size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            # the spot's median over dithers: one odd exposure does not move the others
-            ls_rel = ls - _nanmedian(np.where(np.isfinite(ls), ls, np.nan), 1)[:, None]
-            lp_rel = lp - _nanmedian(np.where(np.isfinite(lp), lp, np.nan), 1)[:, None]
-    nexp = grids.nexp
-    ft, st, top = np.full(nexp, np.nan), np.full(nexp, np.nan), np.full(nexp, np.nan)
-    flag = np.zeros(nexp, dtype=bool)
-    for j in range(nexp):
-        b1, e1 = _slope(lp[:, j], logt[:, j])
-        b2, e2 = _slope(lp[:, j], ls_rel[:, j])
-        ft[j], st[j] = b1, b2
-        flag[j] = any(np.isfinite(b) and abs(b) > min_effect and abs(b) > nsig * e
-                      for b, e in ((b1, e1), (b2, e2)))
-        # saturation bites at the top of the peak range only: t of the brightest
-        # tenth against the rest
-        m = np.isfinite(lp[:, j]) & np.isfinite(logt[:, j])
-        if m.sum() >= 50:
-            p, lt = lp[m, j], logt[m, j]
-            hi = p >= np.quantile(p, 0.9)
-            d = float(np.median(lt[hi]) - np.median(lt[~hi]))
-            err = 1.2533 * _mad(lt) * np.sqrt(1 / hi.sum() + 1 / (~hi).sum())
-            top[j] = d
-            flag[j] |= abs(d) > 5 * min_effect and abs(d) > nsig * err
+            # the spot's median over dithers: one odd exposure does not move the
+            # others (the mean, cheaper, for long runs where one exposure weighs little)
+            centre = _nanmedian if grids.nexp <= 64 else \
+                (lambda a, axis: np.nanmean(a, axis=axis))
+            ls_rel = ls - centre(np.where(np.isfinite(ls), ls, np.nan), 1)[:, None]
+            lp_rel = lp - centre(np.where(np.isfinite(lp), lp, np.nan), 1)[:, None]
+    med, mad, _, _ = _column_stats(logt)
+    with np.errstate(invalid="ignore"):
+        mt = np.isfinite(lp) & (np.abs(logt - med[None, :]) <= 5 * np.maximum(mad, 1e-12)[None, :])
+        ms = np.isfinite(lp) & (np.abs(ls_rel) <= 0.2)  # a size 20 % off its spot's is not BF
+    ft, e1 = _masked_slope(lp, logt, mt)
+    st, e2 = _masked_slope(lp, ls_rel, ms)
+    with np.errstate(invalid="ignore"):
+        flag = ((np.abs(ft) > min_effect) & (np.abs(ft) > nsig * e1)) | \
+               ((np.abs(st) > min_effect) & (np.abs(st) > nsig * e2))
+    # saturation bites at the top of the peak range only: t of the brightest
+    # tenth against the rest (clipped means)
+    with np.errstate(invalid="ignore"):
+        mtop = np.isfinite(lp) & (np.abs(logt - med[None, :]) <= 0.1)  # saturation losses stay in
+    _, _, _, p90 = _column_stats(np.where(mtop, lp, np.nan))
+    hi = mtop & (lp >= p90[None, :])
+    lo = mtop & ~hi
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nh, nl = hi.sum(0), lo.sum(0)
+        top = np.where(hi, logt, 0.0).sum(0) / nh - np.where(lo, logt, 0.0).sum(0) / nl
+        err = mad * np.sqrt(1.0 / nh + 1.0 / nl)
+        flag |= (nh >= 5) & (np.abs(top) > 5 * min_effect) & (np.abs(top) > nsig * err)
+    top = np.where(nh >= 5, top, np.nan)
     # per spot: size against peak across dithers (the spot's own lever arm)
     spot_bf = np.zeros(grids.nspot, dtype=bool)
     with np.errstate(invalid="ignore", divide="ignore"):
