@@ -211,6 +211,7 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     s = np.ones(nexp)
     F = np.full(nspot, np.nan)
     converged = False
+    local_on = local is not None
     it = 0
     for it in range(1, maxiter + 1):
         F_new = np.empty(nspot)
@@ -231,7 +232,7 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
                 for b in blocks:
                     new_used[b], scale[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma,
                                                   robust=it == 1)
-                if local is not None:
+                if local_on:
                     local.rescue(f, finite, new_used, invF, invs, scale, sigma)
         F, s = F_new, s_new
         changed = clipped and not np.array_equal(new_used, used)
@@ -338,42 +339,57 @@ class _Neighbourhoods:
         cand = finite & ~used & self.ok
         if not cand.any():
             return
-        nspot = f.shape[0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            lt = np.log(f * invF[:, None] * invs[None, :])
-        good = used & self.ok
-        good &= np.isfinite(lt)
-        # compressed to 1-D (one memory order for all, whatever each array's)
-        order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
-        sel = np.flatnonzero(good.ravel(order=order))
-        gk = np.unravel_index(sel, f.shape, order=order)[0]
-        gl = lt.ravel(order=order)[sel]
-        nk = np.bincount(gk, minlength=nspot).astype(np.float64)
         ks, js = np.nonzero(cand)
-        lt_c = lt[ks, js]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lt_c = np.log(f[ks, js] * invF[ks] * invs[js])
         for level in range(self.LEVELS):
             if ks.size == 0:
                 return
-            cid, ncell = self.cells(level)
-            gc = cid.ravel(order=order)[sel]
-            nc = np.bincount(gc, minlength=ncell).astype(np.float64)
-            # warm start from the previous call's model: one alternation then suffices
-            warm = level in self._model
-            r = np.nan_to_num(self._model[level], nan=0.0) if warm else np.zeros(ncell)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                for _ in range(1 if warm else 3):
-                    a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
-                    a[nk == 0] = 0.0
-                    r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
-                self._model[level] = r
-                c = cid[ks, js]
-                enough = nc[c] >= self.MIN_POINTS
+            cid, _ = self.cells(level)
+            r, a, nc = self._fit_model(level, f, used, invF, invs)
+            c = cid[ks, js]
+            enough = nc[c] >= self.MIN_POINTS
+            with np.errstate(invalid="ignore"):
                 agree = np.abs(lt_c - (r[c] - a[ks])) <= sigma * np.maximum(scale[ks], 1e-12)
             back = enough & agree
             if back.any():
                 used[ks[back], js[back]] = True
             rest = ~enough
             ks, js, lt_c = ks[rest], js[rest], lt_c[rest]
+
+    def _fit_model(self, level: int, f, used, invF, invs):
+        """``(r, a, count)`` of the cell-response model at ``level``, fitted once.
+
+        It is fitted once, to the points in use after the first (robust)
+        rejection pass, and kept: later passes change the set of points in use
+        by a few rejected points only (refitting it changes no verdict in the
+        seam Monte Carlo, and costs iterations).
+        """
+        if level in self._model:
+            return self._model[level]
+        nspot = f.shape[0]
+        cid, ncell = self.cells(level)
+        # compressed to 1-D (one memory order for all, whatever each array's)
+        order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lt = np.log(f * invF[:, None] * invs[None, :])
+        good = used & self.ok
+        good &= np.isfinite(lt)
+        sel = np.flatnonzero(good.ravel(order=order))
+        gk = np.unravel_index(sel, f.shape, order=order)[0]
+        gl = lt.ravel(order=order)[sel]
+        gc = cid.ravel(order=order)[sel]
+        nk = np.bincount(gk, minlength=nspot).astype(np.float64)
+        nc = np.bincount(gc, minlength=ncell).astype(np.float64)
+        r = np.zeros(ncell)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for _ in range(3):
+                a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
+                a[nk == 0] = 0.0
+                r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
+        r[~np.isfinite(r)] = 0.0
+        self._model[level] = (r, a, nc)
+        return self._model[level]
 
 
 def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):

@@ -11,7 +11,8 @@ then refits, until no exposure is an outlier. Per exposure (:class:`QCResult`
 ``.table``):
 
 ``t_scatter``
-    robust (MAD) scatter of ``log t`` over the exposure's spots;
+    robust scatter of ``log t`` over the exposure's spots (interquartile
+    range / 1.349, a Gaussian's sigma);
 ``t_width``
     the 10-90 % width of ``log t`` (as a Gaussian sigma): unlike the MAD it
     sees a part of the spots (10-50 %) off by the same amount;
@@ -301,13 +302,12 @@ def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
         lf = np.log(f / s[None, :])
     m = np.isfinite(lf) & np.isfinite(logF)[:, None] & ~out
     r = _masked_corr(np.where(m, lf, 0.0), np.where(m, logF[:, None], 0.0), m)
-    return scatter, width, r, rejected, logt
+    return scatter, width, r, rejected, logt, med
 
 
 def _column_stats(a: np.ndarray):
-    """Per column (NaN-aware, one sort): median, MAD scatter, 10th and 90th percentiles."""
-    from .calibration import _sorted_median
-
+    """Per column (NaN-aware, one sort): median, robust scatter (interquartile range / 1.349),
+    10th and 90th percentiles."""
     srt = np.sort(a, axis=0)  # NaNs last
     n = np.count_nonzero(np.isfinite(srt), axis=0)
     cols = np.arange(a.shape[1])
@@ -320,11 +320,7 @@ def _column_stats(a: np.ndarray):
         v = srt[lo, cols] * (1 - w) + srt[hi, cols] * w
         return np.where(n > 0, v, np.nan)
 
-    med = at(0.5)
-    with np.errstate(invalid="ignore"):
-        dev = np.sort(np.abs(a - med[None, :]), axis=0)
-    mad = 1.4826 * _sorted_median(dev.T)
-    return med, np.where(n > 0, mad, np.nan), at(0.1), at(0.9)
+    return at(0.5), (at(0.75) - at(0.25)) / 1.349, at(0.1), at(0.9)
 
 
 def _masked_corr(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -404,7 +400,8 @@ def _slope(xv: np.ndarray, yv: np.ndarray) -> tuple[float, float]:
     return float(b), float(err)
 
 
-def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, min_effect: float = 0.002, nsig: float = 5.0):
+def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: np.ndarray,
+                     min_effect: float = 0.002, nsig: float = 5.0):
     from .calibration import _nanmedian
 
     """Per exposure: slopes of log t and log(size / spot's mean size) on log peak; flags.
@@ -428,7 +425,6 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, min_effect: float = 0.0
                 (lambda a, axis: np.nanmean(a, axis=axis))
             ls_rel = ls - centre(np.where(np.isfinite(ls), ls, np.nan), 1)[:, None]
             lp_rel = lp - centre(np.where(np.isfinite(lp), lp, np.nan), 1)[:, None]
-    med, mad, _, _ = _column_stats(logt)
     with np.errstate(invalid="ignore"):
         mt = np.isfinite(lp) & (np.abs(logt - med[None, :]) <= 5 * np.maximum(mad, 1e-12)[None, :])
         ms = np.isfinite(lp) & (np.abs(ls_rel) <= 0.2)  # a size 20 % off its spot's is not BF
@@ -520,7 +516,7 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     tested: dict = {}
     while True:
         F, s, used = res[0], res[1], res[2]
-        scatter, width, r, rejected, logt = _metrics(grids, F, s, used, sigma, exclude)
+        scatter, width, r, rejected, logt, med = _metrics(grids, F, s, used, sigma, exclude)
         pool = ~exclude
         score = np.zeros(nexp)
         why = np.array([""] * nexp, dtype=object)
@@ -562,7 +558,7 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
         res = fit(exclude)
 
     xc, yc = _grid_centres(grids)
-    ft, st, top, bf, spot_bf = _brighter_fatter(grids, logt)
+    ft, st, top, bf, spot_bf = _brighter_fatter(grids, logt, med, scatter)
     reg_name = np.array([tested[j][0][0] if j in tested and tested[j][1] * opt.reg_gain < tested[j][2]
                          else "identity" for j in range(nexp)], dtype=object)
     for n, tr in registered.items():
@@ -592,7 +588,7 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     table["bf_flag"] = bf
     for c, u in (("x_centre", "pix"), ("y_centre", "pix")):
         table[c].unit = u
-    table["t_scatter"].description = "robust (MAD) scatter of log t"
+    table["t_scatter"].description = "robust scatter of log t (IQR / 1.349)"
     table["t_width"].description = "10-90 % width of log t / 2.563"
     table["flux_slope"].description = "d log t / d log peak"
     table["size_slope"].description = "d log size / d log peak (spot's median divided out)"
