@@ -46,6 +46,9 @@ def plot_qc(qc, detector: str = "", fig=None):
 
     sc = np.asarray(qc["t_scatter"], float) * 100
     mark(ax[0, 0], sc)
+    if "t_width" in qc.colnames:
+        w = np.asarray(qc["t_width"], float) * 100
+        ax[0, 0].plot(j, w, "s", mfc="none", color="0.4", ms=5, label="10-90 % width")
     ax[0, 0].set_yscale("log")
     ax[0, 0].set_ylabel("robust scatter of t (%)")
     ax[0, 0].legend(fontsize=7)
