@@ -129,7 +129,8 @@ def _calibrate_one(job: tuple) -> Any:
 
     from .grids import read_grid_files
 
-    det, paths, flux_column, stat, min_dithers, sigma, qc = job
+    det, paths, flux_column, stat, min_dithers, sigma, *rest = job
+    qc = rest[0] if rest else True  # (the QC options were added last)
     grids = stack_grid_files(read_grid_files(paths, flux_column), detector=det or None,
                              count=len(paths), **_offset(qc))
     return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
