@@ -302,21 +302,27 @@ class _Neighbourhoods:
     def cells(self, level: int) -> tuple[np.ndarray, int]:
         if level not in self._cells:
             ok = self.ok
-            with np.errstate(invalid="ignore"):
-                xs = np.where(ok, self.x, 0.0) + 0.5  # pixel edges at integers
-                ys = np.where(ok, self.y, 0.0) + 0.5
             if self._cell is None:
+                with np.errstate(invalid="ignore"):
+                    xs = np.where(ok, self.x, 0.0) + 0.5  # pixel edges at integers
+                    ys = np.where(ok, self.y, 0.0) + 0.5
                 npts = max(int(np.count_nonzero(ok)), 1)
                 area = max(float(np.ptp(xs[ok])) * float(np.ptp(ys[ok])), 1.0) if ok.any() else 1.0
                 self._cell = float(np.clip(np.sqrt(self.PER_CELL * area / npts), 8.0, 64.0))
+                # segment index and position inside it, once for every level
+                sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
+                ix = np.floor(xs / sx) if np.isfinite(sx) else np.zeros_like(xs)
+                iy = np.floor(ys / sy) if np.isfinite(sy) else np.zeros_like(ys)
+                self._seg = (ix, xs - ix * sx if np.isfinite(sx) else xs,
+                             iy, ys - iy * sy if np.isfinite(sy) else ys)
+            ix, ux, iy, uy = self._seg
             cell = self._cell * 2 ** level
             if self.segment is not None:
                 sx, sy = self.segment
-                ix, iy = np.floor(xs / sx), np.floor(ys / sy)
-                cx = ix * np.ceil(sx / cell) + np.floor((xs - ix * sx) / cell)
-                cy = iy * np.ceil(sy / cell) + np.floor((ys - iy * sy) / cell)
+                cx = ix * np.ceil(sx / cell) + np.floor(ux / cell)
+                cy = iy * np.ceil(sy / cell) + np.floor(uy / cell)
             else:
-                cx, cy = np.floor(xs / cell), np.floor(ys / cell)
+                cx, cy = np.floor(ux / cell), np.floor(uy / cell)
             if ok.any():
                 cx -= cx[ok].min()
                 cy -= cy[ok].min()

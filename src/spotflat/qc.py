@@ -259,21 +259,21 @@ def _grid_centres(grids: SpotGrids) -> tuple[np.ndarray, np.ndarray]:
     """Grid centre on the CCD per exposure: linear fit of x, y on (col, row) at the grid's middle."""
     ncols, nrows = grids.grid_shape
     k = np.arange(grids.nspot)
-    u = (k // nrows - (ncols - 1) / 2.0)[:, None]
-    v = (k % nrows - (nrows - 1) / 2.0)[:, None]
+    A = np.stack([np.ones(grids.nspot), k // nrows - (ncols - 1) / 2.0, k % nrows - (nrows - 1) / 2.0], 1)
+    AA = (A[:, :, None] * A[:, None, :]).reshape(grids.nspot, 9)
     out = []
     for a in (grids.x, grids.y):
-        w = np.isfinite(a)
-        a0 = np.where(w, a, 0.0)
-        wu, wv = w * u, w * v
-        m = np.stack([np.stack([w.sum(0), wu.sum(0), wv.sum(0)], -1),
-                      np.stack([wu.sum(0), (wu * u).sum(0), (wu * v).sum(0)], -1),
-                      np.stack([wv.sum(0), (wv * u).sum(0), (wv * v).sum(0)], -1)], -2)
-        b = np.stack([a0.sum(0), (a0 * u).sum(0), (a0 * v).sum(0)], -1)
+        w = np.isfinite(a).astype(np.float64)
+        m = (AA.T @ w).T.reshape(-1, 3, 3)  # normal equations of every exposure, by two products
+        b = (A.T @ np.where(w > 0, a, 0.0)).T
         ok = w.sum(0) >= 3
         res = np.full(grids.nexp, np.nan)
         if ok.any():
-            res[ok] = np.linalg.solve(m[ok], b[ok][..., None])[:, 0, 0]
+            with np.errstate(all="ignore"):
+                try:
+                    res[ok] = np.linalg.solve(m[ok], b[ok][..., None])[:, 0, 0]
+                except np.linalg.LinAlgError:  # a degenerate exposure (spots on one line)
+                    res[ok] = np.array([np.linalg.lstsq(mm, bb, rcond=None)[0][0] for mm, bb in zip(m[ok], b[ok])])
         out.append(res)
     return out[0], out[1]
 
