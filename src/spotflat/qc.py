@@ -263,10 +263,11 @@ def _grid_centres(grids: SpotGrids) -> tuple[np.ndarray, np.ndarray]:
     AA = (A[:, :, None] * A[:, None, :]).reshape(grids.nspot, 9)
     out = []
     for a in (grids.x, grids.y):
-        w = np.isfinite(a).astype(np.float64)
-        m = (AA.T @ w).T.reshape(-1, 3, 3)  # normal equations of every exposure, by two products
-        b = (A.T @ np.where(w > 0, a, 0.0)).T
-        ok = w.sum(0) >= 3
+        at = a.T  # (exposure, spot): contiguous for the stacked arrays
+        fin = np.isfinite(at)
+        m = (fin.astype(np.float64) @ AA).reshape(-1, 3, 3)  # every exposure's normal equations
+        b = np.where(fin, at, 0.0) @ A
+        ok = fin.sum(1) >= 3
         res = np.full(grids.nexp, np.nan)
         if ok.any():
             with np.errstate(all="ignore"):
