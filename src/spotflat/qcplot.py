@@ -30,7 +30,8 @@ def plot_qc(qc, detector: str = "", fig=None):
     """
     from matplotlib.figure import Figure
 
-    fig = fig or Figure(figsize=(11, 8), layout="constrained")
+    fig = fig or Figure(figsize=(11, 8))
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.07, top=0.9, wspace=0.28, hspace=0.35)  # (constrained layout costs 0.2 s)
     used = np.asarray(qc["used"], dtype=bool)
     j = np.arange(len(qc))
     names = [str(n) for n in qc["filename"]]
