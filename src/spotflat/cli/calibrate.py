@@ -189,7 +189,8 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
 def _qc_rows(cal) -> list[tuple[str, str]]:
     """Counts of flags per reason and the exposures left out, for the summary."""
     m, e = cal.meta, cal.exposures
-    rows = [("points flagged", f"{m.get('NFAR', 0)} far from their grid point (> {m.get('MAXOFFS', 0):g} step), "
+    far = f"> {m.get('MAXOFFS', 0):g} step" if m.get("MAXOFFS", 0) else "rule off"
+    rows = [("points flagged", f"{m.get('NFAR', 0)} far from their grid point ({far}), "
                                f"{m.get('NAMBIG', 0)} sharing a source, {m.get('NCLIPPED', 0)} clipped")]
     used = np.asarray(e["used"], dtype=bool) if "used" in e.colnames else np.ones(len(e), bool)
     if m.get("QC"):
