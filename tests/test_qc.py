@@ -155,6 +155,19 @@ def test_short_run_with_a_damaged_exposure(run_files, clean, tmp_path):
     assert np.count_nonzero(e["used"]) == 4
 
 
+def test_short_run_with_two_shifted_exposures(run_files, tmp_path):
+    """Five exposures, two of them with shifted labels (a column, a row): the consensus is
+    wrong for every exposure, but pair by pair the three good ones agree."""
+    sub = [run_files[i] for i in (2, 3, 5, 6, 8)]
+    folder = _copy(sub, tmp_path / "five2", {0: rd.shift_labels,
+                                             4: lambda a, b: rd.shift_labels(a, b, dcol=0, drow=1)})
+    cal = build_calibration(read_grids(folder, detector="R22_S20"))
+    e = cal.exposures
+    assert [n for n, u in zip(e["filename"], e["used"]) if not u] == [sub[0].name, sub[4].name]
+    scatter, _ = _t_scatter(cal, folder)
+    assert scatter < 0.01
+
+
 def test_force_keep_and_drop(run_files, tmp_path):
     from spotflat.qc import QCOptions
 

@@ -16,6 +16,10 @@ then refits, until no exposure is an outlier. Per exposure (:class:`QCResult`
 ``t_width``
     the 10-90 % width of ``log t`` (as a Gaussian sigma): unlike the MAD it
     sees a part of the spots (10-50 %) off by the same amount;
+``pair_scatter``
+    (runs of up to 64 exposures) the scatter of ``log(f_j / f_j')`` against
+    the better half of the other exposures: needs no consensus, so two bad
+    exposures of a five-exposure run are still told from the good ones;
 ``pattern_r``
     Pearson correlation of ``log(f/s)`` with ``log F`` over the grid: the
     exposure's flux pattern against the consensus;
@@ -56,7 +60,7 @@ from .grids import DEFAULT_MAX_OFFSET, QUANTITIES, SpotGrids
 __all__ = ["QCOptions", "QCResult", "run_qc", "register_labels", "grid_transforms", "apply_registration"]
 
 #: Outlier reasons, in the order they are tested.
-REASONS = ("forced", "scatter", "width", "rejected")
+REASONS = ("forced", "scatter", "width", "rejected", "pairs")
 
 
 @dataclass
@@ -352,6 +356,35 @@ def _masked_slope(x: np.ndarray, y: np.ndarray, m: np.ndarray):
     return np.where(ok, b, np.nan), np.where(ok, err, np.nan)
 
 
+#: Runs of at most this many exposures also get the pairwise metric (cost ~ n^2 spots).
+PAIRWISE_MAX = 64
+
+
+def _pair_scatter(f: np.ndarray, s: np.ndarray, min_common: int = 20) -> np.ndarray:
+    """Per exposure: robust scatter of ``log(f_j / f_j')`` against its better half of partners.
+
+    Needs no consensus: when several exposures of a short run are bad, the
+    consensus ``F`` is wrong for every exposure and all look alike against
+    it, but a good exposure still agrees with the other good ones. The
+    metric is the mean of the smallest half of the pair scatters (each
+    pair's IQR / 1.349, over their common spots).
+    """
+    n = f.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lf = np.log(np.where(f > 0, f, np.nan) / s[None, :])
+    fin = np.isfinite(lf)
+    out = np.full(n, np.nan)
+    for j in range(n):
+        d = lf[:, j:j + 1] - lf
+        _, sc, _, _ = _column_stats(d)
+        common = np.count_nonzero(fin[:, j:j + 1] & fin, axis=0)
+        sc[(common < min_common) | (np.arange(n) == j)] = np.nan
+        sc = np.sort(sc[np.isfinite(sc)])
+        if sc.size:
+            out[j] = sc[: max((sc.size + 1) // 2, 1)].mean()
+    return out
+
+
 def _reference(m: np.ndarray) -> tuple[float, float]:
     """Median and MAD-spread of the better (smaller) half of a metric."""
     m = np.sort(m[np.isfinite(m)])
@@ -515,6 +548,9 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
 
     res = fit(exclude)
     tested: dict = {}
+    # a short run: also compare the exposures pair by pair (the consensus may be
+    # wrong for all of them when several are bad); fixed by the first fit's scales
+    pairs = _pair_scatter(grids.flux, res[1]) if opt.enabled and 3 <= nexp <= PAIRWISE_MAX else None
     while True:
         F, s, used = res[0], res[1], res[2]
         scatter, width, r, rejected, logt, med = _metrics(grids, F, s, used, sigma, exclude)
@@ -524,9 +560,11 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
         # the pattern correlation is reported, not a rule of its own: how high a
         # good exposure's r is depends on the spread of F over its spots, and a
         # scrambled exposure already fails the scatter rule
-        for name, metric, floor, ratio in (("scatter", scatter, 0.0, opt.ratio),
-                                           ("width", width, 0.0, opt.width_ratio),
-                                           ("rejected", rejected, opt.min_rejected, opt.ratio)):
+        metrics = [("scatter", scatter, 0.0, opt.ratio), ("width", width, 0.0, opt.width_ratio),
+                   ("rejected", rejected, opt.min_rejected, opt.ratio)]
+        if pairs is not None:
+            metrics.append(("pairs", pairs, 0.0, opt.ratio))
+        for name, metric, floor, ratio in metrics:
             sc = _outliers(metric, pool, opt.threshold, ratio, floor)
             better = sc > score
             why[better] = name
@@ -549,6 +587,8 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
                     registered[names[j]] = tested[j][0][0]
                     tested.pop(j)
                 res = fit(exclude)
+                if pairs is not None:  # the relabelled exposures compare anew
+                    pairs = _pair_scatter(grids.flux, res[1])
                 continue
         if not opt.enabled or cand.size == 0 or np.count_nonzero(pool) - 1 < min_used:
             break
@@ -575,6 +615,7 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
                        for j in range(nexp)]
     table["t_scatter"] = scatter
     table["t_width"] = width
+    table["pair_scatter"] = pairs if pairs is not None else np.full(nexp, np.nan)
     table["pattern_r"] = r
     table["rejected_fraction"] = rejected
     table["nfar"] = counts["far"]
@@ -602,6 +643,7 @@ def _describe(kind: str, scatter: float, width: float, rejected: float, r: float
         return "dropped by the user"
     text = {"scatter": f"scatter of t {scatter:.2%}",
             "width": f"10-90 % width of t {width:.2%} (a part of the spots off)",
+            "pairs": "disagrees with every other exposure, pair by pair",
             "rejected": f"{rejected:.0%} of points rejected",
             "pattern": f"flux pattern uncorrelated with the consensus (r = {r:.2f})"}.get(kind, kind)
     if reg != "identity":
