@@ -242,6 +242,9 @@ class Decomposition:
         ``[spot, exposure]`` residuals (NaN where not used).
     use : numpy.ndarray of bool
         Points used.
+    gram : numpy.ndarray or None
+        ``(namp, namp)`` Gram matrix of the (spot-demeaned) amplifier columns:
+        the step part of ``sum(a b)`` is ``levels_a' gram levels_b``.
     """
 
     levels_a: np.ndarray
@@ -251,6 +254,8 @@ class Decomposition:
     wa: np.ndarray
     wb: np.ndarray
     use: np.ndarray
+    gram: np.ndarray | None = None
+    amp_dot_b: np.ndarray | None = None
 
 
 def _poly_terms(u: np.ndarray, v: np.ndarray, degree: int) -> list[np.ndarray]:
@@ -362,7 +367,10 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
             la[m] = beta[:namp, 0][m] - beta[:namp, 0][m].mean()
             lb[m] = beta[:namp, 1][m] - beta[:namp, 1][m].mean()
             lvar[m] = np.diag(pinv)[:namp][m]
-    return Decomposition(levels_a=la, levels_b=lb, group=group, level_var=lvar, wa=wa, wb=wb, use=use)
+    gram = XtX[:namp, :namp] if levels else None
+    dot_b = X[:, :namp].T @ Y[:, 1] if levels else None
+    return Decomposition(levels_a=la, levels_b=lb, group=group, level_var=lvar, wa=wa, wb=wb, use=use,
+                         gram=gram, amp_dot_b=dot_b)
 
 
 # --------------------------------------------------------------------------
@@ -409,7 +417,7 @@ def _amp_component(dec: Decomposition, noise_per_point: float | None, nperm: int
     return ComponentResult("amp", float(r), r_err, r_low, r_high, p, float(slope), float(slope_err),
                            slope_low, slope_high, float(slope_raw), float(lam), dof, n, nspot, npoint,
                            f"{n} amplifier levels in {ngroup} read-out rows: Fisher z, Student t ({dof} dof)",
-                           {"p_value_perm": p_perm})
+                           {"p_value_perm": p_perm, "_resid_var": float(resid @ resid / dof)})
 
 
 def _method_extras(res) -> dict:
@@ -425,12 +433,45 @@ def _method_extras(res) -> dict:
     }
 
 
-def _from_block(component: str, res, lam: float, confidence: float, how: str) -> ComponentResult:
+def _corrected_slope_jackknife(a, b, labels, noise_k) -> tuple[float, float]:
+    """Errors-in-variables slope ``cov / (var - noise)`` and its block-jackknife error.
+
+    The noise is known spot by spot, so each delete-a-block replicate
+    subtracts the noise of the spots it keeps: when the flat's noise
+    dominates the variance of ``b``, the fluctuation of that variance is
+    what limits the corrected slope, and the replicates see it.
+    """
+    from .resampling import jackknife_se
+    from .stats import spot_sums
+
+    m = spot_sums(a, b).matrix
+    has = m[:, 0] > 0
+    lab = np.unique(np.asarray(labels)[has], return_inverse=True)[1].ravel()
+    m, e = m[has], np.asarray(noise_k, dtype=float)[has]
+    g = int(lab.max()) + 1
+    blk = np.stack([np.bincount(lab, weights=m[:, i], minlength=g) for i in range(6)], axis=1)
+    eb = np.bincount(lab, weights=e, minlength=g)
+
+    def slope(tot, noise):
+        n, sa, sb, _, sbb, sab = np.moveaxis(tot, -1, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            den = sbb - sb * sb / n - noise
+            return np.where(den > 0, (sab - sa * sb / n) / den, np.nan)
+
+    tot = blk.sum(axis=0)
+    return float(slope(tot, e.sum())), jackknife_se(slope(tot - blk, e.sum() - eb))
+
+
+def _from_block(component: str, res, lam: float, confidence: float, how: str,
+                corrected: tuple[float, float] | None = None) -> ComponentResult:
     dof = int(res.nblocks) - 1
     r_err = float(res.r_err_block)
     r_low, r_high = _t_interval(res.r, r_err, dof, confidence)
     lam_ok = lam if np.isfinite(lam) else float("nan")
-    slope, slope_err = res.slope / lam_ok, res.slope_err_block / lam_ok
+    if corrected is not None:
+        slope, slope_err = corrected
+    else:
+        slope, slope_err = res.slope / lam_ok, res.slope_err_block / lam_ok
     slope_low, slope_high = _t_interval(slope, slope_err, dof, confidence)
     return ComponentResult(component, float(res.r), r_err, max(r_low, -1.0), min(r_high, 1.0),
                            _t_pvalue(res.r, r_err, dof), float(slope), float(slope_err), slope_low,
@@ -439,11 +480,55 @@ def _from_block(component: str, res, lam: float, confidence: float, how: str) ->
                                             f"blocks, Student t ({dof} dof)", _method_extras(res))
 
 
+def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw, lam: float,
+                   corrected: tuple[float, float] | None, noise_all: float | None, a, b, valid,
+                   confidence: float) -> ComponentResult:
+    """The ``all`` row with errors from its two parts: amplifier steps and within-amplifier structure.
+
+    ``sum(da db)`` over all points is (nearly) the spots' step part
+    ``sum_a G_a (X_a' db)`` plus the within part ``sum(w_a db)``. Given the
+    flat, the step part varies as ``s**2 |X' db|**2`` (``X`` the
+    spot-demeaned amplifier columns, ``s**2`` the scatter of the spots'
+    levels about their regression on the flat's); amplifier levels are few:
+    Student t with the amp row's degrees of freedom. The within part's
+    variance is its block jackknife's.
+    """
+    ok = np.isfinite(dec.levels_a) & (dec.group >= 0)
+    s2 = amp_row.extra.get("_resid_var", np.nan)
+    # given b, the spots' levels enter sum(da db) through X' b: steps, illumination and all of b
+    var_step = s2 * float(np.sum(np.where(ok, dec.amp_dot_b, 0.0) ** 2))
+    w = np.isfinite(dec.wa) & np.isfinite(dec.wb)
+    aw, bw = float(np.sum(dec.wa[w] ** 2)), float(np.sum(dec.wb[w] ** 2))
+    var_w = float(within_raw.r_err_block) ** 2 * aw * bw  # the within part, over all its points
+    A = np.where(valid, a - np.sum(a, where=valid) / valid.sum(), 0.0)
+    B = np.where(valid, b - np.sum(b, where=valid) / valid.sum(), 0.0)
+    saa, sbb = float(np.sum(A * A)), float(np.sum(B * B))
+    sd_cov = np.sqrt(var_step + var_w)
+    dof = max(int(amp_row.ndof), 1)
+    r_err = float(sd_cov / np.sqrt(saa * sbb))
+    r_low, r_high = _t_interval(res.r, r_err, dof, confidence)
+    if corrected is not None:
+        slope = corrected[0]
+        den = sbb - (noise_all or 0.0)
+    else:
+        slope = res.slope / lam if np.isfinite(lam) else float("nan")
+        den = sbb * (lam if np.isfinite(lam) else float("nan"))
+    slope_err = float(sd_cov / den) if den > 0 else float("nan")
+    slope_low, slope_high = _t_interval(slope, slope_err, dof, confidence)
+    extra = _method_extras(res)
+    extra["slope_err_jackknife_corrected"] = corrected[1] if corrected is not None else float("nan")
+    return ComponentResult("all", float(res.r), r_err, max(r_low, -1.0), min(r_high, 1.0),
+                           _t_pvalue(res.r, r_err, dof), float(slope), slope_err, slope_low, slope_high,
+                           float(res.slope), float(lam), dof, int(amp_row.nunit), int(res.nspot), int(res.npoint),
+                           f"all points: amplifier-step part from {amp_row.nunit} levels + within part "
+                           f"(block jackknife), Student t ({dof} dof)", extra)
+
+
 def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.ndarray, y: np.ndarray,
                        grid_shape: tuple[int, int], components=COMPONENTS, spot_amp=None,
                        footprint_sigma: np.ndarray | None = None, footprint_radius: float | None = None,
                        flat_electrons: float | None = None, b_is_flat: bool = True,
-                       nboot: int = 1000, nnull: int = 1000, patch_size: int = 7,
+                       nboot: int = 1000, nnull: int = 1000, patch_size: int = 10, within_seam: float = 6.0,
                        seed: int | np.random.Generator | None = 0, method: str = "pearson",
                        confidence: float = 0.95, margins: tuple[float, float, float] = (2.0, 40.0, 50.0),
                        progress=None) -> tuple[list[ComponentResult], dict]:
@@ -477,7 +562,12 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     nboot, nnull : int
         Bootstrap and null (and permutation) resamples.
     patch_size : int
-        Patch size (grid steps) of the ``within`` block jackknife.
+        Patch size (grid steps) of the ``within`` block jackknife (10: 25
+        blocks of ~650 px on a 49 x 49 grid, larger than the correlation
+        length of what is left within the amplifiers).
+    within_seam : float
+        Points closer than this (pixels) to a seam are left out of the
+        ``within`` residuals.
     seed : int, Generator or None
     method : {"pearson", "spearman"}
         For the method-specific columns; the recommended ``r`` is Pearson.
@@ -496,13 +586,14 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         ``component -> CorrelationResult`` of the method-specific analyses.
     """
     from . import eiv, geometry
-    from .stats import correlation_analysis
+    from .resampling import patch_labels
+    from .stats import correlation_analysis, grid_layout
 
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
         raise InputError(f"unknown component {bad[0]!r}", expected=", ".join(COMPONENTS))
     rng = np.random.default_rng(seed)
-    children = rng.integers(0, 2 ** 63 - 1, size=len(components))
+    children = rng.integers(0, 2 ** 63 - 1, size=3)
     names = list(geometry.amp_names(detector))
     shape = tuple(geometry.ccd_shape(detector))
     valid = np.isfinite(a) & np.isfinite(b)
@@ -513,57 +604,73 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     nrows, ncols = grid_shape
     electrons = flat_electrons if b_is_flat else None
 
-    dec = None
-    if "amp" in components or "within" in components:
-        keep = boundary_keep(detector, x, y, *margins)
-        dec = decompose(a, b, amp, x, y, keep & valid, shape, len(names), detector=detector,
-                        sigma=footprint_sigma, radius=footprint_radius)
+    keep = boundary_keep(detector, x, y, *margins)
+    dec = decompose(a, b, amp, x, y, keep & valid, shape, len(names), detector=detector,
+                    sigma=footprint_sigma, radius=footprint_radius)
+    # the within residuals keep away from the seams, where any error in the modelled blend of two gains
+    # would be shared geometry again; each spot's mean is taken out again over the points kept
+    wuse = dec.use & boundary_keep(detector, x, y, within_seam, 0.0, 0.0)
+    wuse &= wuse.sum(axis=1, keepdims=True) >= 2
+    nk = np.maximum(wuse.sum(axis=1, keepdims=True), 1)
+    wa, wb = (np.where(wuse, w - np.sum(w, axis=1, where=wuse, keepdims=True) / nk, np.nan)
+              for w in (dec.wa, dec.wb))
     noise = {}
     if electrons is not None and (footprint_sigma is not None or footprint_radius is not None):
         masks = {"all": valid} if "all" in components else {}
-        if dec is not None:
-            masks["dec"] = dec.use
-        sums = eiv.demeaned_noise(x, y, list(masks.values()), footprint_sigma, footprint_radius, electrons)
-        noise = dict(zip(masks, sums))
+        masks["dec"], masks["within"] = dec.use, wuse
+        per_spot = eiv.demeaned_noise(x, y, list(masks.values()), footprint_sigma, footprint_radius,
+                                      electrons, per_spot=True)
+        noise = dict(zip(masks, per_spot))
 
-    def noise_sum(use):
-        key = "all" if use is valid else "dec"
-        return noise.get(key)
-    out, raw = [], {}
-    for comp_name, child in zip(components, children):
-        crng = np.random.default_rng(child)
-        if comp_name == "all":
-            if spot_amp is None:
-                with np.errstate(invalid="ignore"):
-                    xm = np.nanmean(np.where(valid, x, np.nan), axis=1)
-                    ym = np.nanmean(np.where(valid, y, np.nan), axis=1)
-                spot_amp = geometry.amp_of_pixel(detector, np.nan_to_num(xm, nan=-1e9),
-                                                 np.nan_to_num(ym, nan=-1e9))
-            res = correlation_analysis(a, b, grid_shape=grid_shape, block="amp", block_labels=spot_amp,
-                                       nboot=nboot, nnull=nnull, seed=crng, method=method,
-                                       confidence=confidence)
-            lam = 1.0
-            ns = noise_sum(valid)
-            if ns is not None:
-                bb = np.where(valid, b - np.sum(b, where=valid) / valid.sum(), 0.0)
-                lam = eiv.reliability(ns, float(np.sum(bb * bb)))
-            out.append(_from_block("all", res, lam, confidence, "all points"))
-            raw["all"] = res
-        elif comp_name == "amp":
-            ns = noise_sum(dec.use)
-            per_point = None if ns is None else ns / max(int(dec.use.sum()), 1)
-            out.append(_amp_component(dec, per_point, nnull, crng, confidence, int(dec.use.sum()),
-                                      int(dec.use.any(axis=1).sum())))
-        else:
-            res = correlation_analysis(dec.wa, dec.wb, grid_shape=grid_shape, block="patch",
-                                       patch_size=patch_size, nboot=nboot, nnull=nnull, seed=crng,
-                                       method=method, confidence=confidence)
-            lam = 1.0
-            ns = noise_sum(dec.use)
-            if ns is not None:
-                lam = eiv.reliability(ns, float(np.nansum(dec.wb ** 2)))
-            out.append(_from_block("within", res, lam, confidence, "seams, illumination and spot means removed"))
-            raw["within"] = res
+    def noise_sum(key):
+        return float(noise[key].sum()) if key in noise else None
+    seeds = dict(zip(("all", "amp", "within"), children))
+    done, raw = {}, {}
+    # amp and within first: the all row's errors are built from them
+    ns = noise_sum("dec")
+    per_point = None if ns is None else ns / max(int(dec.use.sum()), 1)
+    done["amp"] = _amp_component(dec, per_point, nnull, np.random.default_rng(seeds["amp"]), confidence,
+                                 int(dec.use.sum()), int(dec.use.any(axis=1).sum()))
+    if "amp" in components and progress is not None:
+        progress(1)
+    res = correlation_analysis(wa, wb, grid_shape=grid_shape, block="patch", patch_size=patch_size,
+                               nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["within"]),
+                               method=method, confidence=confidence)
+    lam, corr, ns_w = 1.0, None, noise_sum("within")
+    if ns_w is not None:
+        lam = eiv.reliability(ns_w, float(np.nansum(wb ** 2)))
+        cols_, rows_, _ = grid_layout(a.shape[0], grid_shape)
+        corr = _corrected_slope_jackknife(wa, wb, patch_labels(cols_, rows_, patch_size), noise["within"])
+    done["within"] = _from_block("within", res, lam, confidence, "seams, illumination and spot means removed",
+                                 corr)
+    raw["within"] = res
+    if "within" in components and progress is not None:
+        progress(1)
+    if "all" in components:
+        if spot_amp is None:
+            with np.errstate(invalid="ignore"):
+                xm = np.nanmean(np.where(valid, x, np.nan), axis=1)
+                ym = np.nanmean(np.where(valid, y, np.nan), axis=1)
+            spot_amp = geometry.amp_of_pixel(detector, np.nan_to_num(xm, nan=-1e9), np.nan_to_num(ym, nan=-1e9))
+        res = correlation_analysis(a, b, grid_shape=grid_shape, block="amp", block_labels=spot_amp,
+                                   nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["all"]),
+                                   method=method, confidence=confidence)
+        lam, corr, ns_all = 1.0, None, noise_sum("all")
+        if ns_all is not None:
+            bb = np.where(valid, b - np.sum(b, where=valid) / valid.sum(), 0.0)
+            lam = eiv.reliability(ns_all, float(np.sum(bb * bb)))
+            corr = _corrected_slope_jackknife(a, b, np.unique(np.asarray(spot_amp), return_inverse=True)[1],
+                                              noise["all"])
+        # the all row has the mid-line steps too: its step part comes from a fit across the mid-line
+        keep_all = boundary_keep(detector, x, y, margins[0], 0.0, margins[2])
+        dec_all = decompose(a, b, amp, x, y, keep_all & valid, shape, len(names), detector=detector,
+                            sigma=footprint_sigma, radius=footprint_radius)
+        amp_all = _amp_component(dec_all, None, 0, None, confidence, 0, 0)
+        done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, a, b, valid,
+                                     confidence)
+        raw["all"] = res
         if progress is not None:
             progress(1)
+    done["amp"].extra.pop("_resid_var", None)
+    out = [done[c] for c in components]
     return out, raw

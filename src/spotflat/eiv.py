@@ -123,7 +123,7 @@ def _tent_overlap(c1: np.ndarray, half: int, p: np.ndarray, q: np.ndarray) -> np
 
 
 def demeaned_noise(x: np.ndarray, y: np.ndarray, use, sigma: np.ndarray | None,
-                   radius: float | None, electrons: float):
+                   radius: float | None, electrons: float, per_spot: bool = False):
     """Expected sum over points of the flat's noise in ``q`` after removing each spot's mean.
 
     Parameters
@@ -138,6 +138,8 @@ def demeaned_noise(x: np.ndarray, y: np.ndarray, use, sigma: np.ndarray | None,
         Top-hat radius instead.
     electrons : float
         Electrons per pixel of the flat.
+    per_spot : bool
+        Return each spot's term (an array per mask) instead of the sum.
 
     Returns
     -------
@@ -161,7 +163,7 @@ def demeaned_noise(x: np.ndarray, y: np.ndarray, use, sigma: np.ndarray | None,
     uses = list(use) if many else [use]
     anyuse = np.logical_or.reduce(uses)
     nspot = x.shape[0]
-    totals = [0.0] * len(uses)
+    totals = [np.zeros(nspot) for _ in uses]
     if radius is not None:
         groups = [(None, np.arange(nspot))]
     else:
@@ -190,8 +192,8 @@ def demeaned_noise(x: np.ndarray, y: np.ndarray, use, sigma: np.ndarray | None,
                 n = m.sum(axis=1)
                 tr = np.einsum("kjj,kj->k", c, m)
                 tot = np.einsum("kij,ki,kj->k", c, m, m)
-                totals[i] += float(np.sum(np.where(n > 0, tr - tot / np.maximum(n, 1), 0.0)))
-    out = [t / float(electrons) for t in totals]
+                totals[i][sl] = np.where(n > 0, tr - tot / np.maximum(n, 1), 0.0)
+    out = [t / float(electrons) if per_spot else float(t.sum()) / float(electrons) for t in totals]
     return out if many else out[0]
 
 

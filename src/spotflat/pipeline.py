@@ -178,7 +178,7 @@ def _components_for(quantity: str) -> tuple[str, ...]:
 
 
 def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 1000, nnull: int = 1000,
-                         block: str = "amp", patch_size: int = 7, seed: int = 0,
+                         block: str = "amp", patch_size: int = 10, seed: int = 0,
                          method: str = "pearson", progress: bool = False) -> tuple[Table, dict, dict]:
     """Correlate each quantity with its flat counterpart (see :func:`quantity_pair`), by component.
 
@@ -258,7 +258,7 @@ def _rows_table(rows: list[dict]) -> Table:
 
 def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str | os.PathLike,
                   spotdata: str | os.PathLike | None = None, quantities=("flux",), nboot: int = 1000,
-                  nnull: int = 1000, block: str = "amp", patch_size: int = 7, seed: int = 0,
+                  nnull: int = 1000, block: str = "amp", patch_size: int = 10, seed: int = 0,
                   method: str = "pearson", normalize: str = "ccd", sigma="moments",
                   radius: float | None = None, progress: bool = False, weight: str = "auto",
                   flat_electrons: float | None = None) -> CorrelateResult:
