@@ -614,9 +614,13 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     nk = np.maximum(wuse.sum(axis=1, keepdims=True), 1)
     wa, wb = (np.where(wuse, w - np.sum(w, axis=1, where=wuse, keepdims=True) / nk, np.nan)
               for w in (dec.wa, dec.wb))
+    if "all" in components:
+        # all points, with only the smooth CCOB illumination (no spot sees it) and the spot means removed
+        smooth = decompose(a, b, amp, x, y, valid, shape, len(names), levels=False)
+        a_all, b_all, valid_all = smooth.wa, smooth.wb, smooth.use
     noise = {}
     if electrons is not None and (footprint_sigma is not None or footprint_radius is not None):
-        masks = {"all": valid} if "all" in components else {}
+        masks = {"all": valid_all} if "all" in components else {}
         masks["dec"], masks["within"] = dec.use, wuse
         per_spot = eiv.demeaned_noise(x, y, list(masks.values()), footprint_sigma, footprint_radius,
                                       electrons, per_spot=True)
@@ -652,22 +656,23 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
                 xm = np.nanmean(np.where(valid, x, np.nan), axis=1)
                 ym = np.nanmean(np.where(valid, y, np.nan), axis=1)
             spot_amp = geometry.amp_of_pixel(detector, np.nan_to_num(xm, nan=-1e9), np.nan_to_num(ym, nan=-1e9))
-        res = correlation_analysis(a, b, grid_shape=grid_shape, block="amp", block_labels=spot_amp,
+        res = correlation_analysis(a_all, b_all, grid_shape=grid_shape, block="amp", block_labels=spot_amp,
                                    nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["all"]),
                                    method=method, confidence=confidence)
         lam, corr, ns_all = 1.0, None, noise_sum("all")
         if ns_all is not None:
-            bb = np.where(valid, b - np.sum(b, where=valid) / valid.sum(), 0.0)
+            bb = np.where(valid_all, b_all - np.sum(b_all, where=valid_all) / valid_all.sum(), 0.0)
             lam = eiv.reliability(ns_all, float(np.sum(bb * bb)))
-            corr = _corrected_slope_jackknife(a, b, np.unique(np.asarray(spot_amp), return_inverse=True)[1],
+            corr = _corrected_slope_jackknife(a_all, b_all,
+                                              np.unique(np.asarray(spot_amp), return_inverse=True)[1],
                                               noise["all"])
         # the all row has the mid-line steps too: its step part comes from a fit across the mid-line
         keep_all = boundary_keep(detector, x, y, margins[0], 0.0, margins[2])
         dec_all = decompose(a, b, amp, x, y, keep_all & valid, shape, len(names), detector=detector,
                             sigma=footprint_sigma, radius=footprint_radius)
         amp_all = _amp_component(dec_all, None, 0, None, confidence, 0, 0)
-        done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, a, b, valid,
-                                     confidence)
+        done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, a_all, b_all,
+                                     valid_all, confidence)
         raw["all"] = res
         if progress is not None:
             progress(1)
