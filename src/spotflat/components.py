@@ -293,7 +293,7 @@ def _groups(spot: np.ndarray, amp: np.ndarray, namp: int) -> np.ndarray:
 def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: np.ndarray,
               keep: np.ndarray, shape: tuple[int, int], namp: int, degree: int = 3,
               levels: bool = True, detector: str | None = None, sigma: np.ndarray | None = None,
-              radius: float | None = None) -> Decomposition:
+              radius: float | None = None, exposures: bool = True) -> Decomposition:
     """Fit ``c_k + G_amp + P(x, y)`` to ``a`` and ``b``; return the levels and the residuals.
 
     Parameters
@@ -317,6 +317,9 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
     detector, sigma, radius
         With the detector, a point's level is the footprint-weighted blend
         of the amplifiers it covers (:func:`amp_weights`; ``sigma`` per spot).
+    exposures : bool
+        Also remove each exposure's mean (a factor common to all spots of one
+        dither); the last step removes the spot means exactly.
 
     Returns
     -------
@@ -343,12 +346,22 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
     for i, c in enumerate(cols):
         X[:, (namp if levels else 0) + i] = c
     Y = np.stack([a[k, j], b[k, j]], axis=1)
-    # spot fixed effects: remove each spot's mean from every column
+    # spot and exposure fixed effects: t and q are relative to their spot's and their exposure's
+    # means, and a factor shared by all spots of one exposure (the grid-averaged response at that
+    # dither) is the same for every spot -- one number per exposure, not 2401 independent ones
     spot = np.unique(k, return_inverse=True)[1].ravel()
     n = np.bincount(spot).astype(float)
-    for M in (X, Y):
-        for c in range(M.shape[1]):
-            M[:, c] -= (np.bincount(spot, weights=M[:, c]) / n)[spot]
+    nj = np.bincount(j, minlength=a.shape[1]).astype(float)
+    nj[nj == 0] = 1.0
+    M = np.hstack([X, Y])
+    for _ in range(4 if exposures else 1):  # alternating projections converge in a few steps
+        M -= (np.stack([np.bincount(spot, weights=M[:, c]) for c in range(M.shape[1])], axis=1) / n[:, None])[spot]
+        if exposures:
+            M -= (np.stack([np.bincount(j, weights=M[:, c], minlength=a.shape[1]) for c in range(M.shape[1])],
+                           axis=1) / nj[:, None])[j]
+    if exposures:
+        M -= (np.stack([np.bincount(spot, weights=M[:, c]) for c in range(M.shape[1])], axis=1) / n[:, None])[spot]
+    X, Y = M[:, :X.shape[1]], M[:, X.shape[1]:]
     XtX = X.T @ X
     pinv = np.linalg.pinv(XtX, rcond=1e-10, hermitian=True)
     beta = pinv @ (X.T @ Y)
