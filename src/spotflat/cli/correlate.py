@@ -167,7 +167,8 @@ def print_summary(res, outdir: Path, files) -> None:
                          f"r {cr.r:+.4f} ± {cr.r_err:.4f} [{cr.r_low:+.4f}, {cr.r_high:+.4f}], "
                          f"p = {cr.p_value:.3g}; slope {cr.slope:.4g} ± {cr.slope_err:.2g} "
                          f"[{cr.slope_low:.4g}, {cr.slope_high:.4g}]{note}"))
-            rows.append(("", f"{what.get(cr.component, cr.component)}: {cr.error_method}"))
+            rows.append(("", f"{what.get(cr.component, cr.component)} -- {cr.error_method}"
+                         if not cr.error_method.startswith(what.get(cr.component, "?")) else cr.error_method))
     for name, st in res.stats.items():
         rows.append((f"{name} (methods)", f"all points: bootstrap ± {st.r_err_bootstrap:.4f}, jackknife ± "
                                           f"{st.r_err_jackknife:.4f}, block ({st.block}, {st.nblocks}) ± "
