@@ -353,15 +353,24 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
     n = np.bincount(spot).astype(float)
     nj = np.bincount(j, minlength=a.shape[1]).astype(float)
     nj[nj == 0] = 1.0
+    from scipy import sparse
+
     M = np.hstack([X, Y])
+    rows = np.arange(k.size)
+    S = sparse.csr_matrix((np.ones(k.size), (rows, spot)), shape=(k.size, n.size))
+    E = sparse.csr_matrix((np.ones(k.size), (rows, j)), shape=(k.size, a.shape[1]))
+    St, Et = S.T.tocsr(), E.T.tocsr()
+
+    def by_spot(M):
+        M -= S @ ((St @ M) / n[:, None])
+
     for _ in range(4 if exposures else 1):  # alternating projections converge in a few steps
-        M -= (np.stack([np.bincount(spot, weights=M[:, c]) for c in range(M.shape[1])], axis=1) / n[:, None])[spot]
+        by_spot(M)
         if exposures:
-            M -= (np.stack([np.bincount(j, weights=M[:, c], minlength=a.shape[1]) for c in range(M.shape[1])],
-                           axis=1) / nj[:, None])[j]
+            M -= E @ ((Et @ M) / nj[:, None])
     if exposures:
-        M -= (np.stack([np.bincount(spot, weights=M[:, c]) for c in range(M.shape[1])], axis=1) / n[:, None])[spot]
-    X, Y = M[:, :X.shape[1]], M[:, X.shape[1]:]
+        by_spot(M)
+    X, Y = np.ascontiguousarray(M[:, :X.shape[1]]), np.ascontiguousarray(M[:, X.shape[1]:])
     XtX = X.T @ X
     pinv = np.linalg.pinv(XtX, rcond=1e-10, hermitian=True)
     beta = pinv @ (X.T @ Y)
