@@ -550,7 +550,9 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
 
 
 def _dispatch(path: Path, src: _Source, flux_column: str | None) -> GridFile:
-    if "spotgrid_index" in src.names and "base_SdssCentroid_x" in src.names:
+    # a DM grid catalogue (spot indices and LSST base_ measurements): a missing
+    # column is then an error, not a reason to skip the file
+    if "spotgrid_index" in src.names and any(n.startswith("base_") for n in src.names):
         return _read_dm(path, src, flux_column)
     if "DFLUX" in src.names or ("X" in src.names and "DX" in src.names):
         return _read_legacy(path, src, flux_column)
