@@ -23,10 +23,14 @@ def test_calibrate_then_correlate(simdir, run_cli):
                   "-o", simdir / "out", "--quantity", "flux,dx,size", "--nboot", "100", "--nnull", "200",
                   "--seed", "1", "-q")
     assert res.exit_code == 0, res.output
-    assert "flux r" in res.output and "variance of t" in res.output
+    assert "flux all" in res.output and "flux within" in res.output and "variance of t" in res.output
+    # the recommended numbers come first in the summary
+    assert res.output.index("flux all") < res.output.index("(methods)")
     t = Table.read(simdir / "out" / "results.ecsv")
-    assert list(t["quantity"]) == ["flux", "dx", "size"]
-    assert np.all(np.isfinite(t["r_err_block"])) and np.all(t["nspot"] > 2000)
+    assert list(t["quantity"]) == ["flux"] * 3 + ["dx"] * 2 + ["size"] * 2
+    assert list(t["component"]) == ["all", "amp", "within", "all", "within", "all", "within"]
+    assert np.all(np.isfinite(t["r_err"])) and np.all(np.isfinite(t["p_value"]))
+    assert np.all(t["nspot"] > 2000)
     pngs = sorted(p.name for p in (simdir / "out").glob("*.png"))
     for name in ("spot_flux_map.png", "t_map.png", "q_map.png", "residual_map.png", "t_vs_q.png",
                  "residual_hist.png", "amp_residuals.png"):

@@ -33,6 +33,7 @@ __all__ = [
     "normalise_like_t",
     "compare_spots_flat",
     "footprint_sigma",
+    "flux_footprint",
     "binned_map",
     "summarize_by_amp",
     "summarize_by_distance",
@@ -94,6 +95,38 @@ def normalise_like_t(values: np.ndarray, valid: np.ndarray | None = None) -> np.
         return v / (A[:, None] * B[None, :])
 
 
+def flux_footprint(flux_column: str | None) -> tuple[str, float | None]:
+    """How a flux column saw the response: ``("gaussian2", None)``, ``("tophat", R)`` or ``("gaussian", None)``.
+
+    * Gaussian-weighted (adaptive-moment) fluxes such as
+      ``base_SdssShape_instFlux`` or ``base_GaussianFlux_instFlux`` weight the
+      image by the spot's own Gaussian ``G``: the response enters through
+      ``G**2``, a Gaussian of width ``sigma / sqrt(2)``.
+    * Aperture fluxes (``base_CircularApertureFlux_12_0_instFlux``,
+      ``APFLUX_<r>``) sum a disc: a top-hat of the aperture radius.
+    * Anything else (legacy ``FLUX``, PSF fluxes): the spot's Gaussian
+      itself.
+
+    Examples
+    --------
+    >>> flux_footprint("base_SdssShape_instFlux")
+    ('gaussian2', None)
+    >>> flux_footprint("base_CircularApertureFlux_12_0_instFlux")
+    ('tophat', 12.0)
+    >>> flux_footprint("FLUX")
+    ('gaussian', None)
+    """
+    import re
+
+    name = (flux_column or "").lower()
+    m = re.search(r"circularapertureflux_(\d+)_(\d+)", name) or re.search(r"apflux_?(\d+)(?:[_p](\d+))?", name)
+    if m:
+        return "tophat", float(f"{m.group(1)}.{m.group(2) or 0}")
+    if "sdssshape" in name or "gaussianflux" in name:
+        return "gaussian2", None
+    return "gaussian", None
+
+
 def footprint_sigma(xx: np.ndarray, yy: np.ndarray, default: float = 2.2) -> np.ndarray:
     """Gaussian footprint width ``sqrt((xx + yy) / 2)``, with ``default`` where unmeasured.
 
@@ -130,6 +163,12 @@ class Comparison:
     detector : str
     meta : dict
         Footprint and normalisation used.
+    footprint_sigma : numpy.ndarray or None
+        Per-spot Gaussian width (pixels) the flat was sampled with.
+    footprint_radius : float or None
+        Top-hat radius instead (pixels).
+    flat_electrons : float or None
+        Electrons per pixel of the flat (its photon noise), when known.
     """
 
     t: np.ndarray
@@ -143,6 +182,9 @@ class Comparison:
     dqdx: np.ndarray | None = None
     dqdy: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    footprint_sigma: np.ndarray | None = None
+    footprint_radius: float | None = None
+    flat_electrons: float | None = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -208,7 +250,7 @@ def _amp_of(detector: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
                        sigma: float | str | None = "moments", radius: float | None = None,
                        detector: str | None = None, gradient: bool = True,
-                       clip: bool = True) -> Comparison:
+                       clip: bool = True, weight: str = "auto") -> Comparison:
     """Sample the flat at every spot of every dither and form ``t``, ``q``, ``d``.
 
     Parameters
@@ -222,9 +264,17 @@ def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
         from :func:`spotflat.read_flat`.
     sigma : float, "moments" or None
         Gaussian footprint: ``"moments"`` uses each spot's mean second
-        moments (``sqrt((xx + yy) / 2)``), a number a fixed width in pixels.
+        moments (``sqrt((xx + yy) / 2)``, then as ``weight`` says), a number
+        a fixed width in pixels (used as given).
     radius : float, optional
         Use a circular top-hat of this radius instead of a Gaussian.
+    weight : {"auto", "gaussian", "gaussian2"}
+        How the flux column saw the response (:func:`flux_footprint`):
+        ``"auto"`` follows the flux column -- ``sigma / sqrt(2)`` for
+        Gaussian-weighted fluxes (SdssShape), a top-hat of the aperture
+        radius for aperture fluxes (unless ``radius`` is given), the
+        moments' width otherwise; ``"gaussian"`` forces the moments' width,
+        ``"gaussian2"`` its ``1 / sqrt(2)``.
     detector : str, optional
         Detector name; defaults to the catalogue's. Checked against the
         spot data and the flat's shape.
@@ -261,18 +311,32 @@ def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
     ok = np.isfinite(t) & np.isfinite(x) & np.isfinite(y)
     if not ok.any():
         raise InputError("no spot has a valid relative throughput")
+    if weight not in ("auto", "gaussian", "gaussian2"):
+        raise InputError(f"unknown footprint weight {weight!r}", expected="auto, gaussian or gaussian2")
+    flux_col = calib.meta.get("FLUXCOL") or grids.flux_column
+    kind, ap_radius = flux_footprint(flux_col) if weight == "auto" else (weight, None)
+    if radius is None and kind == "tophat" and isinstance(sigma, str):
+        radius = ap_radius
+    fp_sigma, fp_radius = None, None
     if radius is not None:
-        footprint = {"radius": float(radius)}
-        meta = {"FOOTPRNT": "tophat", "RADIUS": float(radius)}
+        fp_radius = float(radius)
+        footprint = {"radius": fp_radius}
+        meta = {"FOOTPRNT": "tophat", "RADIUS": fp_radius}
     elif isinstance(sigma, str):
         if sigma != "moments":
             raise InputError(f"unknown footprint {sigma!r}", expected="'moments' or a width in pixels")
         spots = calib.spots
         sig_k = footprint_sigma(np.asarray(spots["xx"], float), np.asarray(spots["yy"], float))
+        if kind == "gaussian2":  # the response is seen through G**2
+            sig_k = sig_k / np.sqrt(2.0)
+        fp_sigma = sig_k
         footprint = {"sigma": np.broadcast_to(sig_k[:, None], t.shape)[ok]}
-        meta = {"FOOTPRNT": "gaussian", "SIGMA": "moments", "SIGMED": float(np.median(sig_k))}
+        meta = {"FOOTPRNT": "gaussian", "SIGMA": "moments", "FPWEIGHT": kind,
+                "SIGMED": float(np.median(sig_k))}
     else:
         footprint = {"sigma": None if sigma is None else float(sigma)}
+        if sigma is not None:
+            fp_sigma = np.full(t.shape[0], float(sigma))
         meta = {"FOOTPRNT": "gaussian" if sigma is not None else "point", "SIGMA": sigma or 0.0}
     Q = np.full(t.shape, np.nan)
     xs, ys = x[ok], y[ok]
@@ -296,7 +360,8 @@ def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
                                      sigma=gsig[valid[ok]] if isinstance(gsig, np.ndarray) else gsig)
         dqdx[valid], dqdy[valid] = gx, gy
     return Comparison(t=t_n, q=q, d=d, x=np.where(valid, x, np.nan), y=np.where(valid, y, np.nan),
-                      grids=grids, calib=calib, detector=det, dqdx=dqdx, dqdy=dqdy, meta=meta)
+                      grids=grids, calib=calib, detector=det, dqdx=dqdx, dqdy=dqdy, meta=meta,
+                      footprint_sigma=fp_sigma, footprint_radius=fp_radius)
 
 
 def binned_map(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int, int],
@@ -350,7 +415,8 @@ def _group_summary(labels: np.ndarray, d: np.ndarray, t: np.ndarray, q: np.ndarr
             continue
         dd = d[m]
         # the error of the mean residual counts spots, not points: a spot's dithers share F[k]
-        per_spot = [np.mean(dd[spot[m] == k]) for k in np.unique(spot[m])]
+        ks, inv = np.unique(spot[m], return_inverse=True)
+        per_spot = np.bincount(inv.ravel(), weights=dd) / np.bincount(inv.ravel())
         nsp = len(per_spot)
         err = float(np.std(per_spot, ddof=1) / np.sqrt(nsp)) if nsp > 1 else np.nan
         rows.append((lab, n, nsp, float(np.mean(t[m])), float(np.mean(q[m])), float(np.mean(dd)),

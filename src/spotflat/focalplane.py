@@ -425,13 +425,15 @@ def _summary_rows(det: str, res) -> dict:
     d = comp.d[v]
     row: dict[str, Any] = {"detector": det, "nspot": comp.nspot, "npoint": comp.npoint}
     # the flux columns are always there (NaN when flux was not asked for): one table layout
-    row.update(dict.fromkeys(("r", "r_err_bootstrap", "r_err_jackknife", "r_err_block", "r_null_std",
+    row.update(dict.fromkeys(("r", "r_err", "r_err_bootstrap", "r_err_jackknife", "r_err_block", "r_null_std",
                               "p_value", "slope", "slope_err"), np.nan))
     for r in res.results:
+        if "component" in r.colnames and r["component"] != "all":  # one row per detector: all points
+            continue
         q = str(r["quantity"])
         pre = "" if q == "flux" else f"{q}_"
-        keys = ("r", "r_err_bootstrap", "r_err_jackknife", "r_err_block", "r_null_std", "p_value",
-                "slope", "slope_err") if q == "flux" else ("r", "r_err_block", "p_value", "slope")
+        keys = ("r", "r_err", "r_err_bootstrap", "r_err_jackknife", "r_err_block", "r_null_std", "p_value",
+                "slope", "slope_err") if q == "flux" else ("r", "r_err", "r_err_block", "p_value", "slope")
         for k in keys:
             row[pre + k] = float(r[k])
     row["d_mean"] = float(np.mean(d)) if d.size else np.nan

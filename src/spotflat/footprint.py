@@ -61,7 +61,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import ndimage
 
 from .blas import single_thread_blas
 from .errors import InputError
@@ -443,6 +443,8 @@ def _footprint_maps(images: list[np.ndarray], kind: str, size: float, truncate: 
             out[1:-1, 1:-1, c] = im
         else:
             # symmetric kernel: convolution == correlation; "same" keeps the centre aligned
+            from scipy import signal  # imported here: scipy.signal costs seconds to import
+
             out[:, :, c] = signal.oaconvolve(_padded(im), tophat_kernel(size), mode="same")
     return out
 

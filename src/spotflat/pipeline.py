@@ -142,10 +142,14 @@ class CorrelateResult:
     Attributes
     ----------
     results : astropy.table.Table
-        One row per quantity: ``quantity``, ``against``, ``r`` and its
-        errors (``r_err_bootstrap``, ``r_err_jackknife``, ``r_err_block``),
-        intervals, ``r_null_mean``, ``r_null_std``, ``p_value``, ``slope``,
-        ``slope_err``, ``nspot``, ``npoint``.
+        One row per quantity and component (``all``, ``amp``, ``within``):
+        ``quantity``, ``against``, ``component``, the recommended ``r``,
+        ``r_err``, ``r_low``, ``r_high`` (95 %), ``p_value``, ``slope``
+        (corrected for the flat's noise), ``slope_err``, ``slope_low``,
+        ``slope_high``; then ``slope_raw``, ``reliability``, ``ndof``,
+        ``nunit``, ``nspot``, ``npoint``, ``error_method`` and the
+        method-specific columns (bootstrap, jackknife, block, null,
+        permutation).
     comparison : Comparison
     stats : dict
         ``quantity -> CorrelationResult``.
@@ -154,6 +158,8 @@ class CorrelateResult:
     amp_summary, boundary_summary : astropy.table.Table
     files : list of pathlib.Path
         Files written (empty until :func:`write_outputs`).
+    components : dict
+        ``quantity -> list of ComponentResult``.
     removed_figures : list of pathlib.Path
         Stale spotflat figures of an earlier run removed by :func:`write_figures`.
     """
@@ -165,49 +171,100 @@ class CorrelateResult:
     amp_summary: Table
     boundary_summary: Table | None
     files: list = field(default_factory=list)
+    components: dict = field(default_factory=dict)
     removed_figures: list = field(default_factory=list)
 
 
+def _components_for(quantity: str) -> tuple[str, ...]:
+    """Components of a quantity: amplifier steps only make sense for the flux."""
+    return ("all", "amp", "within") if quantity == "flux" else ("all", "within")
+
+
 def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 1000, nnull: int = 1000,
-                         block: str = "amp", patch_size: int = 7, seed: int = 0,
-                         method: str = "pearson") -> tuple[Table, dict]:
-    """Correlate each quantity with its flat counterpart (see :func:`quantity_pair`).
+                         block: str = "amp", patch_size: int = 10, seed: int = 0,
+                         method: str = "pearson", progress: bool = False) -> tuple[Table, dict, dict]:
+    """Correlate each quantity with its flat counterpart (see :func:`quantity_pair`), by component.
+
+    With a known detector every quantity is split into components
+    (:func:`spotflat.components.analyse_components`): ``all`` (every point,
+    errors from a block jackknife over amplifiers), ``amp`` (amplifier-level
+    steps, flux only) and ``within`` (within-amplifier structure, seams and
+    illumination removed). Without a detector only the classic analysis of
+    :func:`spotflat.stats.correlation_analysis` is possible (``block`` and
+    ``patch_size`` choose its block jackknife) and its block-jackknife errors
+    become the recommended ones.
 
     Returns
     -------
     results : astropy.table.Table
-        One row per quantity.
+        One row per quantity and component; the recommended columns
+        (:data:`spotflat.components.RECOMMENDED_COLUMNS`) first.
     stats : dict
-        ``quantity -> CorrelationResult``.
+        ``quantity -> CorrelationResult`` of the ``all`` row (method-specific).
+    components : dict
+        ``quantity -> list of ComponentResult``.
     """
+    from .components import _from_block, analyse_components
+    from .progress import progress_bar
     from .stats import correlation_analysis
 
     ncols, nrows = comp.grids.grid_shape
-    labels = None
-    if block == "amp":
-        if not comp.detector:
-            raise InputError("block='amp' needs the detector (amplifier layout)", expected="--block patch")
-        labels = comp.spot_amp_labels()
-    rows, out = [], {}
+    rows, out, parts = [], {}, {}
     rng = np.random.SeedSequence(seed)
-    for quantity, child in zip(quantities, rng.spawn(len(quantities))):
-        a, b, against = quantity_pair(comp, quantity)
-        res = correlation_analysis(a, b, grid_shape=(nrows, ncols), block=block, block_labels=labels,
-                                   patch_size=patch_size, nboot=nboot, nnull=nnull,
-                                   seed=np.random.default_rng(child), method=method)
-        out[quantity] = res
-        row = {"quantity": quantity, "against": against}
-        row.update(res.as_row())
-        rows.append(row)
-    table = Table(rows=rows)
-    return table, out
+    ntask = sum(len(_components_for(q)) for q in quantities) if comp.detector else len(quantities)
+    with progress_bar(ntask, f"Resampling ({nboot} bootstrap, {nnull} null)", show=progress) as advance:
+        for quantity, child in zip(quantities, rng.spawn(len(quantities))):
+            a, b, against = quantity_pair(comp, quantity)
+            crng = np.random.default_rng(child)
+            if comp.detector:
+                res_list, raw = analyse_components(
+                    a, b, detector=comp.detector, x=comp.x, y=comp.y, grid_shape=(nrows, ncols),
+                    components=_components_for(quantity), spot_amp=comp.spot_amp_labels(),
+                    footprint_sigma=comp.footprint_sigma, footprint_radius=comp.footprint_radius,
+                    flat_electrons=comp.flat_electrons, b_is_flat=against == "q" and quantity == "flux",
+                    nboot=nboot, nnull=nnull, patch_size=patch_size, seed=crng, method=method,
+                    progress=advance)
+                out[quantity] = raw["all"]
+            else:
+                res = correlation_analysis(a, b, grid_shape=(nrows, ncols), block="patch",
+                                           patch_size=patch_size, nboot=nboot, nnull=nnull, seed=crng,
+                                           method=method)
+                res_list = [_from_block("all", res, 1.0, res.confidence, "all points")]
+                out[quantity] = res
+                advance(1)
+            parts[quantity] = res_list
+            for cr in res_list:
+                row = {"quantity": quantity, "against": against}
+                row.update(cr.as_row())
+                rows.append(row)
+    return _rows_table(rows), out, parts
+
+
+_STRING_COLUMNS = ("quantity", "against", "component", "error_method", "block", "method")
+
+
+def _rows_table(rows: list[dict]) -> Table:
+    """One table from rows with different extras (missing numbers NaN, missing strings empty)."""
+    names: list[str] = []
+    for row in rows:
+        names += [k for k in row if k not in names]
+    cols = {}
+    for name in names:
+        if name in _STRING_COLUMNS:
+            cols[name] = np.array([str(row.get(name, "")) for row in rows])
+        else:
+            cols[name] = np.array([row.get(name, np.nan) for row in rows], dtype=float)
+            if name in ("ndof", "nunit", "nspot", "npoint", "nblocks", "nnull"):
+                cols[name] = np.nan_to_num(cols[name], nan=-1).astype(np.int64)
+    return Table(cols, names=names)
 
 
 def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str | os.PathLike,
                   spotdata: str | os.PathLike | None = None, quantities=("flux",), nboot: int = 1000,
-                  nnull: int = 1000, block: str = "amp", patch_size: int = 7, seed: int = 0,
+                  nnull: int = 1000, block: str = "amp", patch_size: int = 10, seed: int = 0,
                   method: str = "pearson", normalize: str = "ccd", sigma="moments",
-                  radius: float | None = None, progress: bool = False) -> CorrelateResult:
+                  radius: float | None = None, progress: bool = False, weight: str = "auto",
+                  flat_electrons: float | None = None) -> CorrelateResult:
     """Compare one detector's spots with its flat and correlate them.
 
     Parameters
@@ -222,48 +279,66 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     quantities : sequence of str
         Keys of :data:`QUANTITY_PAIRS`.
     nboot, nnull : int
-        Bootstrap and null resamples.
+        Bootstrap and null resamples (the null count is also the number of
+        permutations of the amplifier levels).
     block : {"amp", "patch"}
-        Block jackknife units.
+        Block jackknife units of the method-specific columns when the
+        detector is unknown (with a detector each component has its own).
     patch_size : int
-        Patch size (grid steps) for ``block="patch"``.
+        Patch size (grid steps) of the ``within`` block jackknife.
     seed : int
         Seeds all resampling (one independent stream per quantity).
     method : {"pearson", "spearman"}
     normalize : {"ccd", "amp"}
-        Flat normalisation when ``flat`` is a file.
-    sigma, radius
+        Flat normalisation when ``flat`` is a file. ``amp`` divides each
+        amplifier by its own mean, which turns the CCOB illumination gradient
+        into steps at the seams; keep ``ccd`` for an illuminated flat.
+    sigma, radius, weight
         Spot footprint (see :func:`spotflat.compare.compare_spots_flat`).
     progress : bool
-        Progress bars while reading.
+        Progress bars while reading and resampling.
+    flat_electrons : float, optional
+        Electrons per pixel of the flat, for the errors-in-variables
+        correction of the slope; default: the flat's level times its
+        header ``GAIN`` (electrons when there is none), unknown for a flat
+        normalised before it was written (and for an array) -- the slope is
+        then left uncorrected (``reliability = 1``).
 
     Returns
     -------
     CorrelateResult
     """
-    from .flats import check_flat_varies, read_flat
+    from .eiv import flat_electrons as _electrons
+    from .flats import check_flat_varies, load_flat
     from .stats import variance_decomposition
 
     if not isinstance(calib, Calibration):
         calib = read_calibration(calib)
     grids = load_spot_data(calib, spotdata, progress=progress)
+    electrons = _electrons(None, None, flat_electrons) if flat_electrons is not None else None
     flat_path = None if isinstance(flat, np.ndarray) else flat
     if not isinstance(flat, np.ndarray):
-        flat = read_flat(flat, normalize=normalize, detector=calib.detector or None)
+        image = load_flat(flat, normalize=normalize, detector=calib.detector or None)
+        flat = image.data
+        if electrons is None:
+            electrons = _electrons(image.levels, image.header)
     check_flat_varies(flat, flat_path)
-    comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius,
+    comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius, weight=weight,
                               detector=calib.detector or None,
                               gradient=any(QUANTITY_PAIRS.get(q, "q") != "q" for q in quantities))
-    results, stats = correlate_quantities(comp, quantities, nboot=nboot, nnull=nnull, block=block,
-                                          patch_size=patch_size, seed=seed, method=method)
+    comp.flat_electrons = electrons
+    results, stats, parts = correlate_quantities(comp, quantities, nboot=nboot, nnull=nnull, block=block,
+                                                 patch_size=patch_size, seed=seed, method=method,
+                                                 progress=progress)
     variance = variance_decomposition(comp.t, comp.q)
     amp = summarize_by_amp(comp) if comp.detector else Table()
     boundary = summarize_by_distance(comp, "any") if comp.detector else None
     meta = provenance_cards(DETECTOR=comp.detector, NBOOT=nboot, NNULL=nnull, BLOCK=block, SEED=seed,
-                            METHOD=method, NSPOT=comp.nspot, NPOINT=comp.npoint, **comp.meta)
+                            METHOD=method, NSPOT=comp.nspot, NPOINT=comp.npoint,
+                            FLATELEC=float(electrons) if electrons is not None else -1.0, **comp.meta)
     results.meta.update(meta)
     return CorrelateResult(results=results, comparison=comp, stats=stats, variance=variance,
-                           amp_summary=amp, boundary_summary=boundary)
+                           amp_summary=amp, boundary_summary=boundary, components=parts)
 
 
 def _write_table(table: Table, path: Path, fmt: str) -> Path:

@@ -341,7 +341,8 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
                    dither_amplitude: float = 1.0, flux: float = 3.0e5, flux_spread: float = 0.03,
                    vignetting: float = 0.2, drift: float = 0.003, moments: tuple[float, float, float] = (5.0, 5.2, 0.2),
                    moment_spread: float = 0.15, distortion: float = 0.5, read_noise: float = 8.0,
-                   missing_fraction: float = 0.03, outlier_fraction: float = 0.003) -> SpotSimulation:
+                   missing_fraction: float = 0.03, outlier_fraction: float = 0.003,
+                   flux_weight: str = "gaussian") -> SpotSimulation:
     """Dither a spot grid over ``response`` and measure every spot.
 
     See the module notes for the measurement model.
@@ -389,6 +390,10 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
         Fraction of points dropped at random.
     outlier_fraction : float
         Fraction of measured points made outliers.
+    flux_weight : {"gaussian", "gaussian2"}
+        Weight through which the flux sees the response: the spot's profile
+        ``G`` (default), or ``G**2`` as a Gaussian-weighted (SdssShape)
+        flux does (moments halved). Centroids and shapes keep ``G``.
 
     Returns
     -------
@@ -438,7 +443,12 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
     xy_t = xy_k[:, None] * focus[None, :]
 
     fm = footprint_moments(response, x_true, y_true, xx_t, yy_t, xy_t)
-    resp = fm["mean"]
+    if flux_weight == "gaussian2":
+        resp = footprint_moments(response, x_true, y_true, xx_t / 2, yy_t / 2, xy_t / 2)["mean"]
+    elif flux_weight == "gaussian":
+        resp = fm["mean"]
+    else:
+        raise InputError(f"unknown flux weight {flux_weight!r}", expected="gaussian or gaussian2")
     flux_true = F[:, None] * s[None, :] * resp
 
     # noise: Poisson + read noise over the footprint's effective area

@@ -50,7 +50,7 @@ def _is_many(calib: Path) -> bool:
               help="Null (shifted/rotated flat) resamples.")
 @click.option("--block", type=click.Choice(["amp", "patch"]), default="amp", show_default=True,
               help="Block jackknife over amplifiers or spatial patches of the spot grid.")
-@click.option("--patch-size", type=click.IntRange(min=1), default=7, show_default=True,
+@click.option("--patch-size", type=click.IntRange(min=1), default=10, show_default=True,
               help="Patch size in grid steps for --block patch.")
 @click.option("--method", type=click.Choice(["pearson", "spearman"]), default="pearson", show_default=True)
 @click.option("--normalize", type=click.Choice(["ccd", "amp"]), default="ccd", show_default=True,
@@ -58,6 +58,12 @@ def _is_many(calib: Path) -> bool:
 @click.option("--sigma", default="moments", show_default=True,
               help="Gaussian footprint: 'moments' (from each spot's second moments) or pixels.")
 @click.option("--radius", type=POSITIVE, default=None, help="Use a top-hat footprint of this radius (pixels).")
+@click.option("--weight", type=click.Choice(["auto", "gaussian", "gaussian2"]), default="auto", show_default=True,
+              help="How the flux saw the response: auto follows the flux column (sigma/sqrt(2) for "
+                   "SdssShape, the aperture radius for aperture fluxes); gaussian2 = sigma/sqrt(2).")
+@click.option("--flat-electrons", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Electrons per pixel of the flat, for the slope's errors-in-variables correction "
+                   "(default: the flat's level x header GAIN).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of all resampling (the same for every detector).")
 @click.option("--no-figures", is_flag=True, help="Skip the per-detector PNG figures.")
@@ -65,8 +71,8 @@ def _is_many(calib: Path) -> bool:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def correlate(calib: Path, spotdata_dir: Path | None, flat: Path | None, flat_dir: Path | None, outdir: Path,
               quantity: str, nboot: int, nnull: int, block: str, patch_size: int, method: str, normalize: str,
-              sigma: str, radius: float | None, seed: int, no_figures: bool, workers: int | None,
-              scheduler: str | None, quiet: bool) -> None:
+              sigma: str, radius: float | None, weight: str, flat_electrons: float | None, seed: int,
+              no_figures: bool, workers: int | None, scheduler: str | None, quiet: bool) -> None:
     """Compare the spots of CALIB with a flat; write results, residuals and figures.
 
     \b
@@ -94,7 +100,8 @@ def correlate(calib: Path, spotdata_dir: Path | None, flat: Path | None, flat_di
 
     check_output_dir(outdir, option="-o")  # a bad -o fails now, not after the work
     params = dict(quantities=quantities, nboot=nboot, nnull=nnull, block=block, patch_size=patch_size, seed=seed,
-                  method=method, normalize=normalize, sigma=_sigma(sigma), radius=radius)
+                  method=method, normalize=normalize, sigma=_sigma(sigma), radius=radius, weight=weight,
+                  flat_electrons=flat_electrons)
     many = _is_many(calib)
     if many and flat is not None:
         raise click.UsageError(f"{calib} names several catalogues: give --flat-dir with one flat per detector")
@@ -137,7 +144,7 @@ def print_focal_plane_summary(res, outdir: Path, how: str = "") -> None:
     rows = []
     if len(s) <= 12:
         for r in s:
-            rows.append((str(r["detector"]), f"r {r['r']:+.4f} ± {r['r_err_block']:.4f} (block), "
+            rows.append((str(r["detector"]), f"r {r['r']:+.4f} ± {r['r_err']:.4f}, "
                                              f"slope {r['slope']:.4g} ± {r['slope_err']:.2g}, "
                                              f"d rms {r['d_rms']:.3e}, p = {r['p_value']:.3g}"))
     else:
@@ -153,17 +160,27 @@ def print_focal_plane_summary(res, outdir: Path, how: str = "") -> None:
 
 
 def print_summary(res, outdir: Path, files) -> None:
-    """Short human summary of a correlate run."""
+    """Short human summary of a correlate run: the recommended numbers first."""
     comp = res.comparison
     rows = [("spots / points", f"{comp.nspot} / {comp.npoint}")]
+    what = {"all": "all points", "amp": "amplifier steps", "within": "within amplifiers"}
+    for name, parts in getattr(res, "components", {}).items():
+        for cr in parts:
+            note = ""
+            if name == "flux":
+                note = f" (raw {cr.slope_raw:.4g}, reliability {cr.reliability:.3f})" \
+                    if cr.reliability != 1.0 else " (uncorrected: flat noise unknown)"
+            rows.append((f"{name} {cr.component}",
+                         f"r {cr.r:+.4f} ± {cr.r_err:.4f} [{cr.r_low:+.4f}, {cr.r_high:+.4f}], "
+                         f"p = {cr.p_value:.3g}; slope {cr.slope:.4g} ± {cr.slope_err:.2g} "
+                         f"[{cr.slope_low:.4g}, {cr.slope_high:.4g}]{note}"))
+            rows.append(("", f"{what.get(cr.component, cr.component)} -- {cr.error_method}"
+                         if not cr.error_method.startswith(what.get(cr.component, "?")) else cr.error_method))
     for name, st in res.stats.items():
-        rows.append((f"{name} r", f"{st.r:+.4f} ± {st.r_err_bootstrap:.4f} (bootstrap) "
-                                  f"± {st.r_err_jackknife:.4f} (jackknife) ± {st.r_err_block:.4f} "
-                                  f"(block: {st.block}, {st.nblocks})"))
-        rows.append(("", f"{int(st.confidence * 100)}% BCa interval [{st.bca_low:+.4f}, {st.bca_high:+.4f}]; "
-                         f"null {st.r_null_mean:+.4f} ± {st.r_null_std:.4f}, p = {st.p_value:.3g}"))
-        note = " (1 = flat describes the response)" if name == "flux" else ""
-        rows.append(("", f"slope {st.slope:.4g} ± {st.slope_err:.2g}{note}"))
+        rows.append((f"{name} (methods)", f"all points: bootstrap ± {st.r_err_bootstrap:.4f}, jackknife ± "
+                                          f"{st.r_err_jackknife:.4f}, block ({st.block}, {st.nblocks}) ± "
+                                          f"{st.r_err_block:.4f}; shifted-flat null ± {st.r_null_std:.4f}, "
+                                          f"p = {st.p_value:.3g} (these ignore the shared seams)"))
     v = res.variance
     if v:
         rows.append(("variance of t", f"{v['frac_explained_flat']:.1%} explained by the flat "
@@ -176,4 +193,5 @@ def print_summary(res, outdir: Path, files) -> None:
     if getattr(res, "removed_figures", None):
         rows.append(("", "removed stale figures of an earlier run: "
                          + ", ".join(p.name for p in res.removed_figures)))
-    echo_summary(f"Spot-vs-flat correlation for {comp.detector or 'unnamed detector'}:", rows)
+    echo_summary(f"Spot-vs-flat correlation for {comp.detector or 'unnamed detector'} "
+                 "(recommended: r ± error [95 %], p, slope corrected for the flat's noise):", rows)
