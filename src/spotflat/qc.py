@@ -227,6 +227,8 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
 
     k = np.flatnonzero(np.isfinite(logf))
     cands, table = _transform_table(ncols, nrows, max_shift)
+    if k.size < 20:  # too few measured spots to tell one labelling from another
+        return cands[0], np.nan, np.nan
     n_ident = np.count_nonzero(np.isfinite(logF[k]))
     # all candidates at once: one row of log f - log F per transform
     k2 = table[:, k]
