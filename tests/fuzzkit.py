@@ -171,8 +171,9 @@ def error_problems(out: Outcome, names: list[str], codes=(1, 2)) -> list[str]:
         bad.append(f"no 'Error:' line on stderr: {err[-300:]!r}")
     else:
         m = msg[-1]
-        if len(msg) > 1 or "\n" in m:
-            bad.append(f"more than one error line: {msg}")
+        others = [ln for ln in lines if not ln.startswith(("Error", "Warning:"))]
+        if len(msg) > 1 or others:
+            bad.append(f"not a one-line message: {lines}")
         if "unexpected error" in m:
             bad.append(f"reached the last resort: {m}")
         if names and not any(n in m for n in names):

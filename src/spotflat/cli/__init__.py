@@ -147,6 +147,15 @@ class _SpotflatGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # one line, like every other error: the usage block is what --help is for
+            if exc.ctx is not None:
+                exc.message = f"{exc.format_message()} (see '{exc.ctx.command_path} --help')"
+                exc.ctx = None
+                if isinstance(exc, click.BadParameter):  # message already formatted with the option name
+                    exc.param = exc.param_hint = None
+                    exc.format_message = lambda message=exc.message: message
+            raise
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except SpotflatError as exc:
