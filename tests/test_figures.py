@@ -335,3 +335,27 @@ def test_figures_of_the_real_catalogue(real_catalogue, tmp_path):
                              label="flux / median − 1", unit="", symmetric=True, center=0.0, count=c.count,
                              cmap="RdBu_r", note=c.describe(*plots.unit_scale(c.map)))
     check_figure("real flux map", fig)
+
+
+def test_stale_figures_go_only_when_the_whole_set_lands(tmp_path):
+    """Inside a larger staged set, a stale figure stays until the set is in place, and stays if it fails."""
+    from spotflat.fileio import atomic_path, staged_outputs
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "xy_vs_q.png").write_bytes(b"old")
+    fig, ax = plots.new_axes()
+    ax.plot([0, 1])
+    with pytest.raises(RuntimeError):
+        with staged_outputs():
+            write_figure_set({"t_vs_q.png": fig}, out)
+            assert (out / "xy_vs_q.png").exists() and not (out / "t_vs_q.png").exists()
+            raise RuntimeError("a later output failed")
+    assert sorted(p.name for p in out.iterdir()) == ["xy_vs_q.png"]
+    with staged_outputs():
+        files = write_figure_set({"t_vs_q.png": fig}, out)
+        with atomic_path(out / "results.ecsv") as tmp:
+            tmp.write_text("# table")
+        assert (out / "xy_vs_q.png").exists()
+    assert [p.name for p in files.removed] == ["xy_vs_q.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "results.ecsv", "t_vs_q.png"]

@@ -1,20 +1,20 @@
 """The correlate stage's figures: which ones, how they are made, how they are written.
 
-:func:`render_figures` draws every figure of a :class:`~spotflat.pipeline.CorrelateResult`
-(nothing is written); :func:`write_figure_set` writes a set of figures into
-an output folder so that the folder's spotflat figures are exactly this
-run's: all PNGs are rendered into a hidden staging folder first and moved
-into place together, and spotflat figures of an earlier run that this run
-did not make are removed (and named). Only files spotflat writes are ever
-removed: the figure names below and those recorded in the folder's manifest
-(``.spotflat-figures``) by the earlier run; a user's own PNGs stay.
+:func:`render_figures` draws every figure of a
+:class:`~spotflat.pipeline.CorrelateResult` (nothing is written);
+:func:`write_figure_set` writes a set of figures into an output folder so
+that the folder's spotflat figures are exactly this run's: all PNGs are
+staged (:func:`spotflat.fileio.staged_outputs`) and appear together with
+the run's other outputs, and spotflat figures of an earlier run that this
+run did not make are removed (and named) once the new set is in place.
+Only files spotflat writes are ever removed: the figure names below and
+those recorded in the folder's manifest (``.spotflat-figures``) by the
+earlier run; a user's own PNGs stay.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -148,10 +148,12 @@ def render_figures(res, bin: int | None = None) -> dict[str, Figure]:
 def write_figure_set(figures: Mapping[str, Figure], outdir: str | os.PathLike, dpi: int = 110) -> FigureFiles:
     """Write ``figures`` into ``outdir`` together, removing spotflat figures of an earlier run.
 
-    Every PNG is rendered into a hidden staging folder inside ``outdir``
-    first; only when all are done are they moved into place, the earlier
-    run's spotflat figures that this set does not replace removed, and the
-    manifest rewritten. A failure while rendering leaves ``outdir`` as it was.
+    Every PNG is rendered to a temporary file first
+    (:func:`spotflat.fileio.staged_outputs`, joined with the other outputs
+    of the run when called inside one); only when the whole set is done are
+    they renamed into place, the manifest rewritten and the earlier run's
+    spotflat figures that this set does not replace removed. A failure
+    leaves ``outdir`` as it was.
 
     Parameters
     ----------
@@ -167,28 +169,24 @@ def write_figure_set(figures: Mapping[str, Figure], outdir: str | os.PathLike, d
     FigureFiles
         The paths written; ``.removed`` lists the stale figures deleted.
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    from .fileio import atomic_path, make_output_dir, remove_with_outputs, staged_outputs
+
     for name in figures:
         if Path(name).name != name or not name.endswith(".png"):
             raise ValueError(f"figure name {name!r} must be a plain file name ending in .png")
-    stage = Path(tempfile.mkdtemp(prefix=".spotflat-figures-", dir=outdir))
-    try:
-        for name, fig in figures.items():
-            fig.savefig(stage / name, dpi=dpi, format="png")
+    # one staged set (joined with the other outputs when called inside write_outputs):
+    # the PNGs and the manifest appear together, stale figures go only once they have
+    with staged_outputs():
+        outdir = make_output_dir(outdir)
         earlier = spotflat_figures(outdir)
         written = []
-        for name in figures:
-            os.replace(stage / name, outdir / name)
+        for name, fig in figures.items():
+            with atomic_path(outdir / name) as tmp:
+                fig.savefig(tmp, dpi=dpi, format="png")
             written.append(outdir / name)
-        removed = []
-        for path in earlier:
-            if path.name not in figures:
-                path.unlink(missing_ok=True)
-                removed.append(path)
-        manifest_tmp = stage / MANIFEST
-        manifest_tmp.write_text("".join(f"{n}\n" for n in sorted(figures)))
-        os.replace(manifest_tmp, outdir / MANIFEST)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with atomic_path(outdir / MANIFEST) as tmp:
+            tmp.write_text("".join(f"{n}\n" for n in sorted(figures)))
+        removed = [p for p in earlier if p.name not in figures]
+        for path in removed:
+            remove_with_outputs(path)
     return FigureFiles(written, removed)

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 from .errors import InputError, SpotflatError
 
-__all__ = ["atomic_path", "staged_outputs", "make_output_dir", "check_output_dir", "check_output", "check_writable",
+__all__ = ["atomic_path", "staged_outputs", "remove_with_outputs", "make_output_dir", "check_output_dir", "check_output", "check_writable",
            "check_readable", "reading", "provenance_cards", "fits_safe", "fits_unescape",
            "fits_table_safe", "fits_table_unescape", "STRENC"]
 
@@ -269,6 +269,7 @@ class _Stage:
         self.pending: list[tuple[Path, Path]] = []  # (temporary, final)
         self.created: list[Path] = []  # folders made for the outputs (removed on failure)
         self.inputs: list[Path] = [Path(p) for p in inputs]
+        self.removals: list[Path] = []  # stale outputs of an earlier run, removed once the set is in place
 
     def commit(self) -> None:
         """Rename every temporary file into place; on any failure undo all of them."""
@@ -297,7 +298,11 @@ class _Stage:
             if backup is not None:
                 with contextlib.suppress(OSError):
                     backup.unlink()
+        for stale in self.removals:
+            with contextlib.suppress(OSError):
+                stale.unlink()
         self.pending = []
+        self.removals = []
 
     def discard(self) -> None:
         for tmp, _ in self.pending:
@@ -307,6 +312,7 @@ class _Stage:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
         self.pending = []
+        self.removals = []
 
 
 _STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("spotflat_stage", default=None)
@@ -360,6 +366,19 @@ def staged_outputs(inputs: Iterable[str | os.PathLike] = ()) -> Iterator[_Stage]
     finally:
         if token is not None:
             _STAGE.reset(token)
+
+
+def remove_with_outputs(path: str | os.PathLike) -> None:
+    """Remove ``path`` (a stale output of an earlier run) when the current output set is in place.
+
+    Inside :func:`staged_outputs` the file is removed only after every output
+    has been renamed into place, and kept if the set fails; outside, at once.
+    """
+    stage = _STAGE.get()
+    if stage is None:
+        Path(path).unlink(missing_ok=True)
+    else:
+        stage.removals.append(Path(path))
 
 
 def make_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:

@@ -25,6 +25,7 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
     from ..calibration import build_calibration, write_calibration
     from ..grids import read_grids
     from ..pipeline import run_correlate, write_figures, write_outputs
+    from ..fileio import staged_outputs
     from ..progress import progress_bar
     from ..simulate import simulate_run
 
@@ -44,21 +45,21 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
     say("3/3 correlating spots with the flat (bootstrap, jackknife, block jackknife, null) ...")
     res = run_correlate(cal, sim.flat_path, quantities=("flux", "dx", "dy", "size"), nboot=nboot, nnull=nnull,
                         block="amp", seed=seed)
-    files = write_outputs(res, outdir, figures=False)
+    with staged_outputs():  # tables and figures appear together, or none
+        files = write_outputs(res, outdir, figures=False)
 
-    # recovered vs injected: the residual should be the injected mismatch
-    from ..compare import normalise_like_t
+        # recovered vs injected: the residual should be the injected mismatch
+        from ..compare import normalise_like_t
 
-    comp = res.comparison
-    ok = comp.valid & np.isfinite(sim.mismatch)
-    # normalised per spot and exposure exactly like d, so the two are comparable
-    injected = normalise_like_t(sim.mismatch, ok) - 1.0
-    d = comp.d[ok]
-    inj = injected[ok]
-    r_rec = float(np.corrcoef(d, inj)[0, 1]) if ok.sum() > 2 else float("nan")
-    fig = _recovery_figure(comp, np.where(ok, injected, np.nan), r_rec)
-    # the demo's own figure is written in the same staged set as the run's
-    files += write_figures(res, outdir, extra={"mismatch_recovery.png": fig})
+        comp = res.comparison
+        ok = comp.valid & np.isfinite(sim.mismatch)
+        # normalised per spot and exposure exactly like d, so the two are comparable
+        injected = normalise_like_t(sim.mismatch, ok) - 1.0
+        d = comp.d[ok]
+        inj = injected[ok]
+        r_rec = float(np.corrcoef(d, inj)[0, 1]) if ok.sum() > 2 else float("nan")
+        fig = _recovery_figure(comp, np.where(ok, injected, np.nan), r_rec)
+        files += write_figures(res, outdir, extra={"mismatch_recovery.png": fig})
     return {"result": res, "files": files, "r_recovered": r_rec, "sim": sim, "calib": cal,
             "seconds": time.perf_counter() - clock,
             "injected_rms": float(np.std(inj)), "residual_rms": float(np.std(d))}
