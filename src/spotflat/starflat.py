@@ -35,6 +35,7 @@ array index ``[j, i]``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,7 +223,7 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
                    shape: tuple[int, int], binsize: int = 64, used: np.ndarray | None = None,
                    per_amp: bool = False, detector: str = "", clip: float = 5.0, maxclip: int = 3,
                    scale_errors: bool = True, min_points: int = 2, max_dense: int = 9000,
-                   min_overlap: float = 0.1,
+                   min_overlap: float = 0.1, gauge: str = "plane",
                    grid_origin: tuple[np.ndarray, np.ndarray] | None = None) -> StarFlat:
     """Solve the binned response map ``R`` with ``F`` and ``s`` from dithered spots.
 
@@ -261,6 +262,15 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
     max_dense : int
         Largest number of visited bins for the exact error analysis (a dense
         ``n x n`` eigen-decomposition); beyond it, choose a larger ``binsize``.
+    gauge : {"plane", "mean"}
+        The modes fixed by convention. ``"plane"`` (default): the mean and
+        the linear gradient of ``log R`` are set to zero over the constrained
+        bins, because a grid translated rigidly between exposures cannot
+        tell a linear gradient from the spots' positions (``log F[k]``
+        absorbs ``a x_k``, ``log s[j]`` absorbs ``a dx_j``): a fitted gradient
+        would only reflect sub-bin sampling. ``"mean"``: only the level is
+        fixed (for data whose grid scale or rotation changes between
+        exposures, which does constrain the gradient).
     min_overlap : float
         Two spots are linked (their regions share one level) when the
         bounding boxes of their positions overlap by at least this fraction
@@ -286,6 +296,8 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
     x, y, flux = (np.asarray(a, dtype=float) for a in (x, y, flux))
     if not (x.shape == y.shape == flux.shape) or x.ndim != 2:
         raise InputError(f"x, y, flux must be 2-D arrays of one shape, got {x.shape}, {y.shape}, {flux.shape}")
+    if gauge not in ("plane", "mean"):
+        raise InputError(f"unknown gauge {gauge!r}", expected="plane or mean")
     if int(binsize) < 1:
         raise InputError(f"bin size must be a positive number of pixels, not {binsize}", path=None,
                          expected="--binsize >= 1")
@@ -349,26 +361,25 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
             break
         keep &= ~bad
 
-    ana = _analyse(fit, nbx * nby, max_dense, main)
+    ana = _analyse(fit, nbx * nby, max_dense, main, nbx, binsize, (ny, nx), gauge)
     dof = max(int(keep.sum()) - fit["rank"], 1)
     if not have_err or (scale_errors and chi2 / dof > 1):
         err_scale = float(np.sqrt(chi2 / dof))
     cov = ana["cov"] * err_scale ** 2
     logr = ana["logr"]
     con_idx = ana["constrained"]
-    # gauge: mean log R = 0 over the constrained bins, then R normalised to mean 1
+    # gauge: the level (and, by default, the linear gradient) of log R are not determined by
+    # rigidly translated grids; fix them to zero over the constrained bins, then normalise R to mean 1
     resp = np.full(nbx * nby, np.nan)
     err = np.full(nbx * nby, np.nan)
-    shift = 0.0
     if con_idx.size:
-        r = np.exp(logr - logr.mean())
-        norm = r.mean()
-        resp[con_idx] = r / norm
-        # the spot means absorb the level the gauge takes out of R
-        shift = float(np.mean(ana["logr_lsmr"] - np.log(resp[con_idx])))
-        # d log(R / mean R) = P d log R with P removing the (weighted) mean
+        X = _gauge_basis(con_idx, nbx, binsize, (ny, nx), gauge)
+        P1 = np.eye(con_idx.size) - X @ X.T
+        r = np.exp(P1 @ logr)
+        resp[con_idx] = r / r.mean()
+        # d log(R / mean R) = P d log R, with P removing the gauge modes and then the (weighted) mean
         wts = r / r.sum()
-        P = np.eye(con_idx.size) - wts[None, :]
+        P = (np.eye(con_idx.size) - wts[None, :]) @ P1
         cov = P @ cov @ P.T
         err[con_idx] = resp[con_idx] * np.sqrt(np.clip(np.diag(cov), 0, None))
     coverage = np.bincount(ibin[keep], minlength=nbx * nby)
@@ -378,20 +389,26 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
     constrained = np.zeros(nbx * nby, bool)
     constrained[con_idx] = True
 
-    F = np.full(nspot, np.nan)
+    # F and s in the gauge of the map: s from the fit (median 1), F refitted given R and s
     s = np.full(nexp, np.nan)
-    lf, ls = fit["logF"], fit["logs"]
-    smed = np.nanmedian(ls)
-    F[fit["spots"]] = np.exp(lf[fit["spots"]] + shift + smed)
-    F[comp_of_spot != main] = np.nan  # other regions' levels are not determined
-    s[fit["exps"]] = np.exp(ls[fit["exps"]] - smed)
+    s[fit["exps"]] = np.exp(fit["logs"][fit["exps"]] - np.nanmedian(fit["logs"]))
+    F = np.full(nspot, np.nan)
+    rb = resp[np.where(ibin >= 0, ibin, 0)]
+    okF = keep & np.isfinite(rb) & (comp_of_spot == main)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w2 = np.where(okF, 1.0 / sig ** 2, 0.0)
+        lF = np.where(okF, logf - np.log(np.where(okF, rb, 1.0)) - np.log(np.where(np.isfinite(s), s, 1.0))[None, :],
+                      0.0)
+        F = np.exp((w2 * lF).sum(axis=1) / w2.sum(axis=1))
+    F[okF.sum(axis=1) == 0] = np.nan
     nk = keep.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        F_err = F * err_scale * np.sqrt(1.0 / np.where(keep, 1.0 / sig ** 2, 0).sum(axis=1))
-    F_err[nk == 0] = np.nan
+        F_err = F * err_scale * np.sqrt(1.0 / w2.sum(axis=1))
+    F_err[okF.sum(axis=1) == 0] = np.nan
 
     if grid_origin is None:
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             x0 = np.nanmean(np.where(keep, x - np.nanmean(np.where(keep, x, np.nan), axis=1, keepdims=True),
                                      np.nan), axis=0)
             y0 = np.nanmean(np.where(keep, y - np.nanmean(np.where(keep, y, np.nan), axis=1, keepdims=True),
@@ -407,7 +424,8 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
     meta = {"BINSIZE": binsize, "DETECTOR": detector, "NPOINT": int(keep.sum()), "CHI2": chi2,
             "DOF": float(dof), "ERRSCALE": err_scale, "ERRSRC": "flux_err" if have_err else "scatter",
             "NDEGEN": ana["ndegen"], "NCONSTR": int(con_idx.size), "NVISITED": int((coverage > 0).sum()),
-            "NCOMP": int(ncomp), "DITHBOXX": box[0], "DITHBOXY": box[1], "PERAMP": bool(per_amp), "CLIP": float(clip)}
+            "NCOMP": int(ncomp), "DITHBOXX": box[0], "DITHBOXY": box[1], "PERAMP": bool(per_amp), "CLIP": float(clip),
+            "GAUGE": "mean,gradient" if gauge == "plane" else "mean"}
     return StarFlat(response=resp.reshape(nby, nbx), response_err=err.reshape(nby, nbx),
                     coverage=coverage.reshape(nby, nbx), nspot_bin=nspot_bin.reshape(nby, nbx),
                     constrained=constrained.reshape(nby, nbx), binsize=binsize, shape=(ny, nx), F=F,
@@ -509,7 +527,19 @@ def _fit(logf, sig, ibin, keep, nbin_total, amp_lab, amps) -> dict:
             "amp_frac": None}
 
 
-def _analyse(fit: dict, nbin_total: int, max_dense: int, main: int = 0) -> dict:
+def _gauge_basis(bins: np.ndarray, nbx: int, binsize: int, shape, gauge: str) -> np.ndarray:
+    """Orthonormal columns spanning the gauge modes (level, and x, y gradients for ``plane``) over ``bins``."""
+    cols = [np.ones(bins.size)]
+    if gauge == "plane" and bins.size > 3:
+        ny, nx = shape
+        cols += [((bins % nbx) + 0.5) * binsize / nx - 0.5, ((bins // nbx) + 0.5) * binsize / ny - 0.5]
+    Q, rr = np.linalg.qr(np.stack(cols, axis=1))
+    keep = np.abs(np.diag(rr)) > 1e-9 * max(np.abs(rr[0, 0]), 1e-300)
+    return Q[:, keep]
+
+
+def _analyse(fit: dict, nbin_total: int, max_dense: int, main: int = 0, nbx: int = 1, binsize: int = 1,
+             shape=(1, 1), gauge: str = "mean") -> dict:
     """Degenerate modes, constrained bins and the covariance of ``log R``.
 
     ``F`` and ``s`` are profiled out of the normal equations (Schur
@@ -551,9 +581,9 @@ def _analyse(fit: dict, nbin_total: int, max_dense: int, main: int = 0) -> dict:
         counts = counts[rows]
         L[:, nB:] = counts / counts.sum(axis=1, keepdims=True)
     LN = L @ V[:, null]
-    # remove the global level (R -> c R) from the degenerate directions before judging bins
-    ones = np.ones(nO) / np.sqrt(nO)
-    LN -= np.outer(ones, ones @ LN)
+    # remove the gauge modes (level, gradient) from the degenerate directions before judging bins
+    G = _gauge_basis(fit["bins"][rows] % nbin_total, nbx, binsize, shape, gauge)
+    LN -= G @ (G.T @ LN)
     # orthonormal basis of the remaining degenerate directions, as seen in the map
     if LN.shape[1]:
         Q, sv, _ = np.linalg.svd(LN, full_matrices=False)
@@ -591,8 +621,9 @@ class FlatComparison:
     Attributes
     ----------
     flat_map, flat_err : numpy.ndarray
-        The flat's bin means, normalised to mean 1 over the bins compared,
-        and their errors.
+        The flat's bin means in the map's gauge (normalised to mean 1 over
+        the bins compared; with the ``plane`` gauge also without its linear
+        gradient, which the spots cannot see), and their errors.
     ratio, ratio_err : numpy.ndarray
         ``response / flat_map`` and its error.
     r, r_err : float
@@ -653,6 +684,16 @@ def compare_with_flat(star: StarFlat, flat: np.ndarray, nmc: int = 500,
     use = star.constrained & np.isfinite(fm)
     idx_all = np.flatnonzero(star.constrained.ravel())
     sel = np.isin(idx_all, np.flatnonzero(use.ravel()))
+    if use.sum() > 3:
+        # the flat in the map's gauge: the same level (and gradient) removed over the same bins
+        idx = np.flatnonzero(use.ravel())
+        X = _gauge_basis(idx, use.shape[1], star.binsize, star.shape,
+                         "plane" if star.meta.get("GAUGE", "mean") != "mean" else "mean")
+        lf = np.log(fm.ravel()[idx])
+        g = np.full(fm.size, np.nan)
+        g[idx] = np.exp(lf - X @ (X.T @ lf))
+        scale = g.reshape(fm.shape) / fm
+        fm, fe = fm * scale, fe * scale
     norm = np.nanmean(fm[use]) if use.any() else np.nan
     fm, fe = fm / norm, fe / norm
     R = star.response
