@@ -163,6 +163,7 @@ class CorrelateResult:
     amp_summary: Table
     boundary_summary: Table | None
     files: list = field(default_factory=list)
+    verdict: object = None  # spotflat.verdict.Verdict: QE or pixel area, per feature (issue 14)
 
 
 def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 1000, nnull: int = 1000,
@@ -257,8 +258,11 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     meta = provenance_cards(DETECTOR=comp.detector, NBOOT=nboot, NNULL=nnull, BLOCK=block, SEED=seed,
                             METHOD=method, NSPOT=comp.nspot, NPOINT=comp.npoint, **comp.meta)
     results.meta.update(meta)
+    from .verdict import correlate_hook
+
     return CorrelateResult(results=results, comparison=comp, stats=stats, variance=variance,
-                           amp_summary=amp, boundary_summary=boundary)
+                           amp_summary=amp, boundary_summary=boundary,
+                           verdict=correlate_hook(comp, flat, nboot=min(nboot, 100), seed=seed))
 
 
 def _write_table(table: Table, path: Path, fmt: str) -> Path:
@@ -312,6 +316,8 @@ def write_outputs(res: CorrelateResult, outdir: str | os.PathLike, figures: bool
     if res.boundary_summary is not None:
         res.boundary_summary.meta.update(meta)
         files.append(_write_table(res.boundary_summary, outdir / "boundary_summary.ecsv", "ecsv"))
+    if res.verdict is not None:  # QE or pixel area (spotflat.verdict)
+        files += res.verdict.write(outdir, meta)
     var = Table(rows=[{k: v for k, v in res.variance.items() if np.isscalar(v)}])
     var.meta.update(meta)
     files.append(_write_table(var, outdir / "variance.ecsv", "ecsv"))

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import warnings
+
 import numpy as np
 from astropy.table import Table
 
@@ -117,7 +119,64 @@ def _centred(v: np.ndarray, ok: np.ndarray, relative: bool = False) -> np.ndarra
         return out / m if relative else out
 
 
-def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | None = None) -> dict:
+def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndarray, box: int = 32,
+                        nsigma: float = 6.0) -> None:
+    """Drop points on localised flat structure (dust donuts, defects): it is not a ring.
+
+    A point is dropped when the flat over its footprint departs from the
+    flat's median in its ``box``-pixel cell by more than ``nsigma`` times the
+    flat's noise at a point; that noise is measured from the two
+    checkerboard halves (their difference is pure noise). Real rings
+    (1e-4) are far below the threshold; a 1 % dust shadow is far above it.
+    """
+    ny, nx = img.shape
+    nby, nbx = ny // box, nx // box
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
+                           .reshape(nby, nbx, box * box), axis=2)
+        level = np.nanmean(med)
+        diff = 0.5 * (out["flat_a"] - out["flat_b"])
+        noise = 1.4826 * np.nanmedian(np.abs(diff - np.nanmedian(diff)))
+    x, y = out["x"], out["y"]
+    fin = ok & np.isfinite(x) & np.isfinite(y)
+    ib = np.clip((np.where(fin, x, 0) + 0.5) // box, 0, nbx - 1).astype(int)
+    jb = np.clip((np.where(fin, y, 0) + 0.5) // box, 0, nby - 1).astype(int)
+    # the per-spot centring cancels in the difference of two points of one spot; work on raw levels
+    raw = np.full(x.shape, np.nan)
+    from .footprint import sample_flat
+
+    raw[ok] = sample_flat(img, x[ok], y[ok], sigma=sig) / level
+    local = med[jb, ib] / level
+    bad = fin & (np.abs(raw - local) > nsigma * max(noise, 1e-12) * np.sqrt(2))
+    for key in ("flux", "dx", "dy", "size", "flat", "flat_a", "flat_b"):
+        if out.get(key) is not None:
+            out[key] = np.where(bad, np.nan, out[key])
+    out["ok"] = ok & ~bad
+    out["ndefect"] = int(bad.sum())
+
+
+def _remove_amp_levels(out: dict, detector: str) -> None:
+    """Subtract each amplifier's median from flux and flat deviations (gain steps are not rings)."""
+    from .compare import _amp_of
+
+    x, y = out["x"], out["y"]
+    fin = out["ok"] & np.isfinite(x) & np.isfinite(y)
+    amp = np.full(x.shape, "", dtype="<U3")
+    try:
+        amp[fin] = _amp_of(detector, x[fin], y[fin])
+    except (InputError, KeyError, ValueError):
+        return
+    for a in set(amp[fin].tolist()) - {""}:
+        m = amp == a
+        for key in ("flux", "flat", "flat_a", "flat_b"):
+            v = out.get(key)
+            if v is not None and np.isfinite(v[m]).any():
+                v[m] -= np.nanmedian(v[m])
+
+
+def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | None = None,
+                     detector: str | None = None) -> dict:
     """Per-point ``t - 1``, centroid shift, relative size and flat, each relative to its spot's mean.
 
     Parameters
@@ -128,12 +187,18 @@ def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | N
         footprint from its second moments).
     used : numpy.ndarray, optional
         Points to use.
+    detector : str, optional
+        With a flat: subtract each amplifier's median from the flux and
+        flat deviations (gain steps are not what the profiles are about).
 
     Returns
     -------
     dict
         ``x``, ``y``, ``ok``, ``flux``, ``dx``, ``dy``, ``size``, ``sigma2``
-        (footprint variance per point) and ``flat`` (or None).
+        (footprint variance per point) and ``flat``, ``flat_a``, ``flat_b``
+        (the flat and its two checkerboard halves over each footprint, or
+        None). Points on localised flat structure (dust, defects) are
+        dropped.
     """
     from .calibration import estimate_scales
 
@@ -156,11 +221,19 @@ def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | N
     if flat is not None:
         from .footprint import sample_flat
 
+        img = np.asarray(flat, float)
         sig = np.sqrt(np.clip(out["sigma2"][ok], 0.5, 50.0))
-        q = np.full(f.shape, np.nan)
-        q[ok] = sample_flat(np.asarray(flat, float), grids.x[ok], grids.y[ok], sigma=sig)
-        okq = ok & np.isfinite(q) & (q > 0)
-        out["flat"] = _centred(q, okq, relative=True)
+        # two halves of the flat on a checkerboard: independent pixel noise, the same response
+        checker = (np.add.outer(np.arange(img.shape[0]), np.arange(img.shape[1])) % 2).astype(bool)
+        for key, half in (("flat_a", checker), ("flat_b", ~checker)):
+            q = np.full(f.shape, np.nan)
+            q[ok] = sample_flat(np.where(half, img, np.nan), grids.x[ok], grids.y[ok], sigma=sig, min_weight=0.2)
+            okq = ok & np.isfinite(q) & (q > 0)
+            out[key] = _centred(q, okq, relative=True)
+        out["flat"] = 0.5 * (out["flat_a"] + out["flat_b"])
+        _mask_local_defects(out, img, sig, ok)
+        if detector:
+            _remove_amp_levels(out, detector)
     return out
 
 
@@ -188,9 +261,10 @@ class RadialProfiles:
         ``quantity -> (amplitude, error)`` along the flat's pattern (see the
         module notes); empty without a flat.
     flat_snr : float
-        Significance of the flat's own pattern in these bins (its
-        ``sqrt(chi2 - dof)`` against 0 in units of ``sqrt(2 dof)``); the
-        feature counts as detected in the flat above 5.
+        Significance of the flat's own pattern in these bins: the cross
+        power of the two checkerboard halves of the flat, against a null in
+        which one half is shifted along the profile (in units of the null's
+        spread); the feature counts as detected in the flat above 5.
     sigma2 : float
         Median footprint variance (pixel^2), for the QE leakage terms.
     """
@@ -246,61 +320,77 @@ class RadialProfiles:
 _TEMPLATE_NAMES = {"flux": "flat", "radial_shift": "-integral(flat)", "size": "-flat"}
 
 
+def _smooth(p: np.ndarray, width: int) -> np.ndarray:
+    """Local quadratic fit over ``width`` bins (Savitzky-Golay, exact at the ends); NaN bins interpolated."""
+    from scipy.signal import savgol_filter
+
+    p = np.asarray(p, float)
+    ok = np.isfinite(p)
+    if ok.sum() < 3:
+        return np.full(p.shape, np.nan)
+    i = np.arange(p.size)
+    filled = np.interp(i, i[ok], p[ok])
+    w = min(max(int(width) | 1, 5), (p.size // 2) * 2 - 1 if p.size % 2 == 0 else p.size)
+    if w < 5:
+        return np.full(p.shape, np.nanmean(p))
+    return savgol_filter(filled, w, 2, mode="interp")
+
+
+def _highpass(p: np.ndarray, width: int) -> np.ndarray:
+    """``p`` minus its local quadratic trend (NaN bins stay NaN)."""
+    return np.where(np.isfinite(p), p - _smooth(p, width), np.nan)
+
+
 def _highpass_matrix(nb: int, width: int | None) -> np.ndarray:
-    """``H = I - running mean`` as a matrix (identity for ``width=None``)."""
+    """The (linear) high-pass of :func:`_highpass` as a matrix (identity for ``width=None``)."""
     eye = np.eye(nb)
     if width is None:
         return eye
-    w = max(int(width) | 1, 1)
-    half = w // 2
-    i = np.arange(nb)
-    lo, hi = np.clip(i - half, 0, nb), np.clip(i + half + 1, 0, nb)
-    M = ((i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])).astype(float)
-    M /= M.sum(axis=1, keepdims=True)
-    return eye - M
+    from scipy.signal import savgol_filter
+
+    w = min(max(int(width) | 1, 5), nb if nb % 2 else nb - 1)
+    if w < 5:
+        return eye - 1.0 / nb
+    return eye - savgol_filter(eye, w, 2, mode="interp", axis=0)
 
 
 def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | None) -> dict:
-    """Linear maps from the flat's profile to each spot quantity's (area, QE-leakage) templates."""
+    """Linear maps from the flat's (high-passed) profile to each quantity's (area, QE-leakage) templates."""
     H = _highpass_matrix(nb, hp_bins if kind == "radial" else None)
     if kind == "radial":
-        S = -np.tril(np.ones((nb, nb))) * width  # f = -integral(dq) from the innermost bin
-        integ = H @ S @ H
+        integ = H @ (-np.tril(np.ones((nb, nb))) * width)  # f = -integral(dq), high-passed like the data
     else:
-        S = np.triu(np.ones((nb, nb))) * width  # the displacement vanishes deep inside
-        integ = S
+        integ = np.triu(np.ones((nb, nb))) * width  # the displacement vanishes deep inside
     D1 = np.gradient(np.eye(nb), width, axis=0)
     D2 = D1 @ D1
-    base = H if kind == "radial" else np.eye(nb)
-    return {"flux": (base, None), "radial_shift": (integ, sigma2 * D1 @ base),
-            "size": (-base, 0.5 * sigma2 * D2 @ base), "H": H}
+    eye = np.eye(nb)
+    return {"flux": (eye, None), "radial_shift": (integ, sigma2 * D1), "size": (-eye, 0.5 * sigma2 * D2), "H": H}
 
 
-def _amplitude(v: np.ndarray, Q: np.ndarray, var: np.ndarray, ops: tuple, const: bool) -> float:
-    """Least-squares amplitude of ``v`` along ``L Q``, corrected for the noise in ``Q``.
+def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, ops: tuple, const: bool) -> float:
+    """Amplitude of a spot quantity along ``L Q``, from two independent halves of the sensor.
 
-    The flat's profile ``Q`` is noisy (variance ``var`` per bin): the plain
-    projection would be biased low (errors in variables). ``E[X^T X]``
-    exceeds the noiseless one by ``tr(L_a diag(var) L_b^T)``, which is
-    subtracted.
+    ``v0, Q0`` and ``v1, Q1`` are the spot quantity's and the flat's
+    profiles over two disjoint sets of pixels (two azimuthal halves about
+    the ring centre). The rings are common to both; the flat's noise, the
+    PRNU, dust and every other local structure are not. Cross products
+    (template of one half against data of the other) therefore keep only
+    the azimuthally coherent pattern, with no noise bias (errors in
+    variables) and no leakage of local QE structure.
     """
     mats = [m for m in ops if m is not None]
-    ok = np.isfinite(v) & np.isfinite(Q)
+    ok = np.isfinite(v0) & np.isfinite(v1) & np.isfinite(Q0) & np.isfinite(Q1)
     if ok.sum() < 5:
         return float("nan")
-    q0 = np.where(np.isfinite(Q), Q, 0.0)
-    vv = np.where(ok, v, 0.0)
-    X = [m @ q0 for m in mats]
-    noise = [m * np.where(np.isfinite(var), var, 0.0)[None, :] for m in mats]
-    if const:
-        X.append(np.ones_like(q0))
-    X = np.stack(X, axis=1)[ok]
-    G = X.T @ X
-    for a in range(len(mats)):
-        for b in range(len(mats)):
-            G[a, b] -= float(np.sum(noise[a][ok] * mats[b][ok]))
+    X = []
+    for Q in (Q0, Q1):
+        z = np.where(np.isfinite(Q), Q, 0.0)
+        cols = [m @ z for m in mats] + ([np.ones(z.size)] if const else [])
+        X.append(np.stack(cols, axis=1)[ok])
+    G = 0.5 * (X[0].T @ X[1] + X[1].T @ X[0])
+    rhs = 0.5 * (X[0].T @ v1[ok] + X[1].T @ v0[ok])
     try:
-        sol = np.linalg.solve(G, X.T @ vv[ok])
+        sol = np.linalg.solve(G, rhs)
     except np.linalg.LinAlgError:
         return float("nan")
     return float(sol[0])
@@ -324,135 +414,66 @@ def _profiles_from_points(coord, values: dict, spot: np.ndarray, edges: np.ndarr
     return out, nout
 
 
-def flat_profile(flat: np.ndarray, coord_of_pixel, edges: np.ndarray, sigma: float,
-                 step: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """The flat's mean in each bin of a pixel coordinate, smoothed like a spot footprint.
-
-    Parameters
-    ----------
-    flat : numpy.ndarray
-        Normalised flat.
-    coord_of_pixel : callable
-        ``(x, y) -> coordinate`` (radius, or distance to the edge) for pixel
-        centres.
-    edges : numpy.ndarray
-        Bin edges of the profile.
-    sigma : float
-        Footprint width (pixels) along the coordinate.
-
-    Returns
-    -------
-    mean, var : numpy.ndarray
-        Per bin: ``flat - 1`` averaged over the pixels (after a Gaussian
-        smoothing of width ``sigma`` along the coordinate, as a spot's
-        footprint averages the flat) and the variance of that mean from the
-        pixel scatter.
-    """
-    from scipy.ndimage import gaussian_filter1d
-
-    img = np.asarray(flat, dtype=float)
-    ny, nx = img.shape
-    lo, hi = float(edges[0]) - 6 * sigma, float(edges[-1]) + 6 * sigma
-    fine = np.arange(lo, hi + step, step)
-    nf = fine.size - 1
-    s1 = np.zeros(nf)
-    s2 = np.zeros(nf)
-    n = np.zeros(nf)
-    rows = max(1, 2_000_000 // nx)
-    xs = np.arange(nx, dtype=float)
-    for y0 in range(0, ny, rows):
-        ys = np.arange(y0, min(y0 + rows, ny), dtype=float)
-        c = coord_of_pixel(xs[None, :], ys[:, None]).ravel()
-        v = img[y0:y0 + ys.size].ravel()
-        ok = np.isfinite(v) & (c >= lo) & (c < hi)
-        i = ((c[ok] - lo) / step).astype(np.int64)
-        i = np.clip(i, 0, nf - 1)
-        n += np.bincount(i, minlength=nf)
-        s1 += np.bincount(i, weights=v[ok], minlength=nf)
-        s2 += np.bincount(i, weights=v[ok] ** 2, minlength=nf)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = s1 / n
-        pix_var = np.where(n > 1, (s2 / n - m * m) * n / np.maximum(n - 1, 1), np.nan)
-    # pixel noise: the median pixel variance (structure in a 1-px annulus is tiny next to it)
-    pv = float(np.nanmedian(pix_var)) if np.isfinite(pix_var).any() else 0.0
-    good = n > 0
-    mean_all = np.sum(s1[good]) / np.sum(n[good])
-    d = np.where(good, m / mean_all - 1.0, 0.0)
-    wgt = good.astype(float)
-    # smooth with the footprint: a normalised convolution that skips empty fine bins
-    sm = gaussian_filter1d(d * wgt, sigma / step, mode="constant")
-    sw = gaussian_filter1d(wgt, sigma / step, mode="constant")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        smooth = sm / sw
-    centres = 0.5 * (fine[1:] + fine[:-1])
-    idx = np.searchsorted(edges, centres, side="right") - 1
-    nb = edges.size - 1
-    inb = (idx >= 0) & (idx < nb) & good
-    npx = np.bincount(idx[inb], weights=n[inb], minlength=nb)
-    tot = np.bincount(idx[inb], weights=(smooth * n)[inb], minlength=nb)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(npx > 0, tot / npx, np.nan)
-        # smoothing spreads the same pixels over neighbouring bins; the bin mean's variance is at
-        # most the pixel variance over the bin's pixels (a conservative bound for a footprint << bin)
-        var = np.where(npx > 0, pv / (mean_all ** 2) / npx, np.nan)
-    return mean, var
-
-
-def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, width, centre,
-           flat_prof=None):
+def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, width, centre, half):
+    """Profiles (all points) and amplitudes (cross products of the two ``half`` groups), with bootstrap."""
     from .resampling import bootstrap_counts
 
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     nb = edges.size - 1
     ops = _operators(nb, width, kind, sigma2, hp_bins)
-    H = ops["H"]
+    groups = [half == 0, half == 1]
 
     def hp(p):
         if kind != "radial":
             tail = p[-max(len(p) // 4, 1):]
             ref = np.nanmean(tail) if np.isfinite(tail).any() else 0.0
             return p - ref
-        # H on the finite bins (empty bins left out of the running mean)
-        return p - _running_mean(p, np.isfinite(p), hp_bins)
+        return _highpass(p, hp_bins)
 
-    prof, n = _profiles_from_points(coord, vals, spot, edges, None)
-    prof = {q: hp(p) for q, p in prof.items()}
+    def profiles(counts):
+        allp, n = _profiles_from_points(coord, vals, spot, edges, counts)
+        parts = []
+        for g in groups:
+            pg, _ = _profiles_from_points(coord[g], {q: v[g] for q, v in vals.items()}, spot[g], edges, counts)
+            parts.append({q: hp(p) for q, p in pg.items()})
+        return {q: hp(p) for q, p in allp.items()}, parts, n
+
+    def amplitudes(parts):
+        if "flat" not in parts[0]:
+            return {}, float("nan")
+        amps = {q: _amplitude(parts[0][q], parts[1][q], parts[0]["flat"], parts[1]["flat"], ops[q],
+                              const=(q == "radial_shift")) for q in QUANTITIES if q in parts[0]}
+        a, b = parts[0]["flat"], parts[1]["flat"]
+        ok = np.isfinite(a) & np.isfinite(b)
+        return amps, float(np.sum(a[ok] * b[ok]))
+
+    prof, parts, n = profiles(None)
+    amp0, pow0 = amplitudes(parts)
     counts = bootstrap_counts(nspot, int(nboot), rng) if nboot > 0 else np.zeros((0, nspot))
     boot = {q: np.empty((counts.shape[0], nb)) for q in prof}
-    amps_boot = {q: [] for q in QUANTITIES}
-    Q = var = None
-    if flat_prof is not None:
-        Q, var = flat_prof
-        Q = Q - np.nanmean(Q[-max(nb // 4, 1):]) if kind != "radial" else Q
+    amps_boot = {q: [] for q in amp0}
     for b in range(counts.shape[0]):
-        pb, _ = _profiles_from_points(coord, vals, spot, edges, counts[b])
+        pb, partsb, _ = profiles(counts[b])
         for q in pb:
-            boot[q][b] = hp(pb[q])
-        if Q is not None:
-            # the flat's own noise enters through a parametric draw of its profile
-            Qb = Q + np.sqrt(np.where(np.isfinite(var), var, 0.0)) * rng.standard_normal(nb)
-            for q in QUANTITIES:
-                if q in pb:
-                    amps_boot[q].append(_amplitude(boot[q][b], Qb, var, ops[q], const=(q == "radial_shift")))
+            boot[q][b] = pb[q]
+        for q, a in amplitudes(partsb)[0].items():
+            amps_boot[q].append(a)
     errors = {q: (np.nanstd(boot[q], axis=0, ddof=1) if counts.shape[0] > 1 else np.full(nb, np.nan))
               for q in prof}
-    amps, snr = {}, float("nan")
-    if Q is not None:
-        prof["flat"] = H @ np.where(np.isfinite(Q), Q, 0.0) if kind == "radial" else Q
-        prof["flat"] = np.where(np.isfinite(Q), prof["flat"], np.nan)
-        errors["flat"] = np.sqrt(var)
-        for q in QUANTITIES:
-            if q in vals:
-                a = _amplitude(prof[q], Q, var, ops[q], const=(q == "radial_shift"))
-                e = float(np.nanstd(amps_boot[q], ddof=1)) if len(amps_boot[q]) > 1 else float("nan")
-                amps[q] = (a, e)
-        # significance of the flat's own pattern: excess of sum(Qhp^2) over its noise
-        ok = np.isfinite(Q) & np.isfinite(var)
-        base = ops["flux"][0]
-        Bm = base[np.ix_(ok, ok)]
-        qh = Bm @ Q[ok]
-        C = (Bm * var[ok][None, :]) @ Bm.T
-        snr = float((qh @ qh - np.trace(C)) / np.sqrt(2 * np.sum(C * C))) if ok.sum() > 2 else float("nan")
+    amps = {q: (a, float(np.nanstd(amps_boot[q], ddof=1)) if len(amps_boot[q]) > 1 else float("nan"))
+            for q, a in amp0.items()}
+    # significance of the flat's ring pattern: the cross power of the two halves' flat profiles against
+    # a null that shifts one half along the profile (same noise, pattern no longer aligned)
+    snr = float("nan")
+    if "flat" in parts[0] and np.isfinite(pow0):
+        a, b = np.nan_to_num(parts[0]["flat"]), np.nan_to_num(parts[1]["flat"])
+        lags = rng.integers(max(nb // 10, 1), max(nb - nb // 10, 2), size=200)
+        null = np.array([np.sum(a * np.roll(b, int(k))) for k in lags])
+        snr = float((pow0 - null.mean()) / null.std(ddof=1)) if null.std() > 0 else float("nan")
+    for q in ("flat_a", "flat_b"):
+        prof.pop(q, None)
+        errors.pop(q, None)
+        boot.pop(q, None)
     r = 0.5 * (edges[1:] + edges[:-1])
     return RadialProfiles(kind=kind, centre=centre, r=r, n=n, values=prof, errors=errors, boot=boot,
                           amplitudes=amps, flat_snr=snr, sigma2=sigma2, binwidth=width)
@@ -491,7 +512,7 @@ def radial_profiles(grids, centre: tuple[float, float], flat: np.ndarray | None 
     """
     if binwidth <= 0:
         raise InputError(f"radial bin width must be positive, not {binwidth}")
-    pq = points or point_quantities(grids, None, used)
+    pq = points or point_quantities(grids, flat, used)
     ok = pq["ok"]
     cx, cy = centre
     ex, ey = pq["x"] - cx, pq["y"] - cy
@@ -499,6 +520,8 @@ def radial_profiles(grids, centre: tuple[float, float], flat: np.ndarray | None 
     with np.errstate(invalid="ignore", divide="ignore"):
         nx_, ny_ = ex / r, ey / r
     vals = {"flux": pq["flux"], "radial_shift": pq["dx"] * nx_ + pq["dy"] * ny_, "size": pq["size"]}
+    if pq.get("flat") is not None:
+        vals["flat"] = pq["flat"]
     kk = np.broadcast_to(np.arange(ok.shape[0])[:, None], ok.shape)
     sel = ok & np.isfinite(r)
     if sel.sum() < 10:
@@ -507,11 +530,12 @@ def radial_profiles(grids, centre: tuple[float, float], flat: np.ndarray | None 
     edges = np.arange(lo, hi + binwidth, binwidth)
     v = {q: a[sel] for q, a in vals.items()}
     sigma2 = float(np.nanmedian(pq["sigma2"][sel]))
-    fp = None
-    if flat is not None:
-        fp = flat_profile(flat, lambda px, py: np.hypot(px - cx, py - cy), edges, np.sqrt(sigma2))
+    # two azimuthal halves about the centre: disjoint pixels, the same rings
+    phi = np.arctan2(ey[sel], ex[sel])
+    phi = np.mod(phi - np.angle(np.mean(np.exp(1j * phi))) + np.pi, 2 * np.pi)
+    half = (phi > np.median(phi)).astype(int)
     return _build("radial", r[sel], v, kk[sel], ok.shape[0], edges, nboot, seed,
-                  max(int(round(highpass / binwidth)), 3), sigma2, binwidth, (float(cx), float(cy)), fp)
+                  max(int(round(highpass / binwidth)), 3), sigma2, binwidth, (float(cx), float(cy)), half)
 
 
 def edge_profiles(grids, shape: tuple[int, int], flat: np.ndarray | None = None, used: np.ndarray | None = None,
@@ -522,7 +546,7 @@ def edge_profiles(grids, shape: tuple[int, int], flat: np.ndarray | None = None,
     The centroid shift is taken along the inward normal of the nearest
     edge; the profiles are relative to the deepest quarter of the bins.
     """
-    pq = points or point_quantities(grids, None, used)
+    pq = points or point_quantities(grids, flat, used)
     ok = pq["ok"]
     ny, nx = shape
     x, y = pq["x"], pq["y"]
@@ -532,6 +556,8 @@ def edge_profiles(grids, shape: tuple[int, int], flat: np.ndarray | None = None,
     normal_x = np.choose(which, [1.0, -1.0, 0.0, 0.0])
     normal_y = np.choose(which, [0.0, 0.0, 1.0, -1.0])
     vals = {"flux": pq["flux"], "radial_shift": pq["dx"] * normal_x + pq["dy"] * normal_y, "size": pq["size"]}
+    if pq.get("flat") is not None:
+        vals["flat"] = pq["flat"]
     kk = np.broadcast_to(np.arange(ok.shape[0])[:, None], ok.shape)
     sel = ok & np.isfinite(dist) & (dist < depth)
     if sel.sum() < 10:
@@ -539,11 +565,9 @@ def edge_profiles(grids, shape: tuple[int, int], flat: np.ndarray | None = None,
     edges = np.arange(0.0, depth + binwidth, binwidth)
     v = {q: a[sel] for q, a in vals.items()}
     sigma2 = float(np.nanmedian(pq["sigma2"][sel]))
-    fp = None
-    if flat is not None:
-        def edge_dist(px, py):
-            return np.minimum(np.minimum(px, nx - 1 - px), np.minimum(py, ny - 1 - py))
-
-        fp = flat_profile(flat, edge_dist, edges, np.sqrt(sigma2))
+    # two halves: the x edges (left, right) and the y edges (bottom, top)
+    half = (which[sel] >= 2).astype(int)
+    if min(half.sum(), (1 - half).sum()) < 10:
+        half = (which[sel] % 2).astype(int)  # only one kind of edge: its two sides
     return _build("edge", dist[sel], v, kk[sel], ok.shape[0], edges, nboot, seed, None,
-                  sigma2, binwidth, None, fp)
+                  sigma2, binwidth, None, half)

@@ -27,7 +27,7 @@ from astropy.table import Table
 
 from .errors import InputError
 
-__all__ = ["Verdict", "classify", "sensor_verdict", "FEATURES"]
+__all__ = ["Verdict", "classify", "sensor_verdict", "correlate_hook", "FEATURES"]
 
 FEATURES = ("treering", "edge")
 
@@ -60,6 +60,27 @@ class Verdict:
 
     table: Table
     profiles: dict = field(default_factory=dict, repr=False)
+
+    def write(self, outdir, meta: dict | None = None) -> list:
+        """Write ``verdict.ecsv`` and ``profiles.ecsv`` (tree-ring profiles) into ``outdir``."""
+        from pathlib import Path
+
+        from .fileio import atomic_path
+
+        outdir = Path(outdir)
+        files = []
+        tables = [("verdict.ecsv", self.table)]
+        if "treering" in self.profiles:
+            tables.append(("profiles.ecsv", self.profiles["treering"].table()))
+        if "edge" in self.profiles:
+            tables.append(("edge_profiles.ecsv", self.profiles["edge"].table()))
+        for name, tab in tables:
+            tab = tab.copy()
+            tab.meta.update({k: v for k, v in (meta or {}).items() if k not in tab.meta})
+            with atomic_path(outdir / name) as tmp:
+                tab.write(tmp, format="ascii.ecsv")
+            files.append(outdir / name)
+        return files
 
 
 def _row(feature: str, prof, nsigma: float, min_snr: float) -> dict:
@@ -109,7 +130,7 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
 
     flat = np.asarray(flat, dtype=float)
     rng = np.random.default_rng(seed)
-    pq = point_quantities(grids, None, used)
+    pq = point_quantities(grids, flat, used, detector=detector)
     profs = {}
     c = centre or treering_centre(detector, flat, shape=flat.shape)
     try:
@@ -131,3 +152,18 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
                                   "area_fraction": "centroid amplitude along the flat's integral (1 = area-like)",
                                   "size_fraction": "size change along -flat (1 = area-like)"}[col]
     return Verdict(table=table, profiles=profs)
+
+
+def correlate_hook(comp, flat: np.ndarray, nboot: int = 200, seed: int = 0) -> Verdict | None:
+    """The verdict for :func:`spotflat.pipeline.run_correlate` (None when it cannot be formed).
+
+    Uses the comparison's spot data, its points (the calibration's kept
+    ones) and detector; a verdict that cannot be computed (too few points)
+    is None rather than an error: the correlation results stand on their own.
+    """
+    used = np.isfinite(comp.t)
+    try:
+        return sensor_verdict(comp.grids, np.asarray(flat, float), comp.detector or None, used=used,
+                              nboot=nboot, seed=seed)
+    except InputError:
+        return None
