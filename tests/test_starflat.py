@@ -109,8 +109,8 @@ def _truth_binned(R, star):
 def test_large_dithers_recover_the_response_with_calibrated_errors():
     R = truth_map("bins")
     pulls, chi2n = [], []
-    for seed in range(4):
-        g = generate(R, nexp=80, dither=8.0, seed=seed)
+    for seed in range(3):
+        g = generate(R, nexp=60, dither=8.0, seed=seed)
         star = solve_starflat(g["x"], g["y"], g["flux"], g["flux_err"], shape=(NY, NX), binsize=256)
         tb, m = _truth_binned(R, star)
         assert star.ndegenerate == 0 and m.sum() > 0.8 * star.nvisited > 150
@@ -128,7 +128,7 @@ def test_large_dithers_recover_the_response_with_calibrated_errors():
 
 def test_smooth_response_correlates_with_its_binned_truth():
     R = truth_map("smooth")
-    g = generate(R, nexp=120, dither=8.0, seed=7)
+    g = generate(R, nexp=80, dither=8.0, seed=7)
     star = solve_starflat(g["x"], g["y"], g["flux"], g["flux_err"], shape=(NY, NX), binsize=256)
     tb, m = _truth_binned(R, star)
     assert np.corrcoef(star.response[m], tb[m])[0, 1] > 0.9
@@ -142,8 +142,8 @@ def test_smooth_response_correlates_with_its_binned_truth():
 def test_small_dithers_leave_long_modes_unconstrained_and_masked():
     """Dithers inside one grid cell: each spot's box level is degenerate with its F[k]."""
     R = truth_map("bins")
-    g = generate(R, nexp=60, dither=0.8, seed=3)
-    star = solve_starflat(g["x"], g["y"], g["flux"], g["flux_err"], shape=(NY, NX), binsize=64)
+    g = generate(R, nexp=30, dither=0.8, seed=3)
+    star = solve_starflat(g["x"], g["y"], g["flux"], g["flux_err"], shape=(NY, NX), binsize=128)
     nspot_used = int(np.isfinite(g["flux"]).any(axis=1).sum())
     assert star.ndegenerate >= nspot_used - 2
     assert star.meta["NCOMP"] >= nspot_used - 1
@@ -151,7 +151,7 @@ def test_small_dithers_leave_long_modes_unconstrained_and_masked():
     assert np.isnan(star.response[~star.constrained]).all()
     assert star.dither_box[0] < g["step"]
     # the same spots with dithers over several cells: every visited bin is determined
-    g2 = generate(R, nexp=60, dither=4.0, seed=3)
+    g2 = generate(R, nexp=30, dither=4.0, seed=3)
     star2 = solve_starflat(g2["x"], g2["y"], g2["flux"], g2["flux_err"], shape=(NY, NX), binsize=256)
     assert star2.ndegenerate == 0 and star2.nconstrained == star2.nvisited
 
