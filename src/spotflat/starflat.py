@@ -374,13 +374,19 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
     err = np.full(nbx * nby, np.nan)
     if con_idx.size:
         X = _gauge_basis(con_idx, nbx, binsize, (ny, nx), gauge)
-        P1 = np.eye(con_idx.size) - X @ X.T
-        r = np.exp(P1 @ logr)
+        r = np.exp(logr - X @ (X.T @ logr))
         resp[con_idx] = r / r.mean()
-        # d log(R / mean R) = P d log R, with P removing the gauge modes and then the (weighted) mean
+        # d log(R / mean R) = P d log R, with P removing the gauge modes and then the (weighted) mean;
+        # applied as low-rank updates (the maps have thousands of bins)
+        CX = cov @ X
+        cov = cov - CX @ X.T
+        cov -= X @ CX.T
+        cov += X @ (X.T @ CX) @ X.T
         wts = r / r.sum()
-        P = (np.eye(con_idx.size) - wts[None, :]) @ P1
-        cov = P @ cov @ P.T
+        cw = cov @ wts
+        cov -= cw[:, None]
+        cov -= cw[None, :]
+        cov += float(wts @ cw)
         err[con_idx] = resp[con_idx] * np.sqrt(np.clip(np.diag(cov), 0, None))
     coverage = np.bincount(ibin[keep], minlength=nbx * nby)
     kk = np.broadcast_to(np.arange(nspot)[:, None], flux.shape)
@@ -512,7 +518,7 @@ def _fit(logf, sig, ibin, keep, nbin_total, amp_lab, amps) -> dict:
     x0[:nK] = np.bincount(ck, weights=logf[kk, jj] * w * w, minlength=nK) / np.bincount(ck, weights=w * w,
                                                                                         minlength=nK)
     r0 = b - A @ x0
-    sol = lsmr(As, r0, atol=1e-12, btol=1e-12, maxiter=max(20 * ncol, 2000))
+    sol = lsmr(As, r0, atol=1e-10, btol=1e-10, maxiter=max(20 * ncol, 2000))
     xsol = x0 + D @ sol[0]
     resid = np.zeros(logf.shape)
     resid[kk, jj] = (b - A @ xsol) / w
@@ -538,6 +544,56 @@ def _gauge_basis(bins: np.ndarray, nbx: int, binsize: int, shape, gauge: str) ->
     return Q[:, keep]
 
 
+def _psd_solve(A: np.ndarray, B: np.ndarray) -> np.ndarray | None:
+    """``A^-1 B`` by Cholesky for a well-conditioned positive-definite ``A``; None otherwise."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    try:
+        c = cho_factor(A, lower=True, check_finite=False)
+    except LinAlgError:
+        return None
+    d = np.diag(c[0])
+    if d.min() ** 2 < 1e-12 * d.max() ** 2:
+        return None
+    return cho_solve(c, B, check_finite=False)
+
+
+def _fast_inverse(M: np.ndarray, comps: np.ndarray) -> np.ndarray | None:
+    """Inverse of ``M`` on the complement of the regions' level vectors, by Cholesky.
+
+    ``M`` is exactly singular along the indicator of every region (the level
+    each region shares with its spots' ``F``). Adding those directions makes
+    it positive definite unless some other mode is degenerate; then the
+    Cholesky factor has a (near-)zero pivot and None sends the caller to the
+    eigen-decomposition.
+    """
+    from scipy.linalg import LinAlgError, cho_factor
+    from scipy.linalg.lapack import dpotri
+
+    n = M.shape[0]
+    creg = float(np.mean(np.diag(M))) or 1.0
+    A = M.copy()
+    for c in np.unique(comps):
+        g = (comps == c).astype(float)
+        g /= np.sqrt(g.sum())
+        A += creg * np.outer(g, g)
+    try:
+        cf, lower = cho_factor(A, lower=True, check_finite=False, overwrite_a=True)
+    except LinAlgError:
+        return None
+    d = np.diag(cf)
+    if d.min() ** 2 < 1e-10 * d.max() ** 2:
+        return None
+    inv, info = dpotri(cf, lower=1)
+    if info != 0:
+        return None
+    inv = np.tril(inv) + np.tril(inv, -1).T
+    del cf
+    if n and not np.isfinite(inv[0, 0]):
+        return None
+    return inv
+
+
 def _analyse(fit: dict, nbin_total: int, max_dense: int, main: int = 0, nbx: int = 1, binsize: int = 1,
              shape=(1, 1), gauge: str = "mean") -> dict:
     """Degenerate modes, constrained bins and the covariance of ``log R``.
@@ -561,15 +617,32 @@ def _analyse(fit: dict, nbin_total: int, max_dense: int, main: int = 0, nbx: int
     NsU = (As_.T @ AU).toarray() - (NsF @ iF @ NUF.T).toarray()
     NUU = (AU.T @ AU).toarray() - (NUF @ iF @ NUF.T).toarray()
     # eliminate s (N_ss is singular along the constant: a gauge shared with F)
-    ev, V = np.linalg.eigh(Nss)
-    good = ev > EIG_TOL * ev.max()
-    Nss_pinv = (V[:, good] / ev[good]) @ V[:, good].T
-    M = NUU - NsU.T @ Nss_pinv @ NsU
+    # the constant is N_ss's null vector (s -> c s, F -> F / c) and N_sU^T 1 = 0: regularise along it
+    ones = np.ones(nJ) / np.sqrt(nJ)
+    creg = float(np.mean(np.diag(Nss))) or 1.0
+    X = _psd_solve(Nss + creg * np.outer(ones, ones), NsU)
+    if X is None:
+        ev, V = np.linalg.eigh(Nss)
+        good = ev > EIG_TOL * ev.max()
+        X = (V[:, good] / ev[good]) @ (V[:, good].T @ NsU)
+    M = NUU - NsU.T @ X
     M = 0.5 * (M + M.T)
+    del X, NsU, NUU
+    comps = fit["bins"] // nbin_total
+    rows = np.flatnonzero(comps == main)
+    if not nA:
+        fast = _fast_inverse(M, comps)
+        if fast is not None:
+            # the only degenerate modes are the levels of the regions (known): no eigen-decomposition needed
+            Minv = fast
+            cov = Minv[np.ix_(rows, rows)]
+            u = fit["x"][nK + nJ:]
+            fit["rank"] = nK + nJ - 1 + nB - int(np.unique(comps).size)
+            return {"constrained": fit["bins"][rows] % nbin_total, "logr": u[rows], "cov": cov,
+                    "ndegen": int(np.unique(comps).size) - 1, "logr_lsmr": u[rows]}
     ev, V = np.linalg.eigh(M)
     null = ev <= EIG_TOL * max(ev.max(), 1e-300)
     # output map: per-bin log R of the mapped region (+ the bin's amplifier term with per_amp)
-    rows = np.flatnonzero(fit["bins"] // nbin_total == main)
     nO = rows.size
     L = np.zeros((nO, nU))
     L[np.arange(nO), rows] = 1.0
