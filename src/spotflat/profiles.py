@@ -317,7 +317,8 @@ class RadialProfiles:
         return ops[quantity][0] @ q
 
 
-_TEMPLATE_NAMES = {"flux": "flat", "radial_shift": "-integral(flat)", "size": "-flat"}
+_TEMPLATE_NAMES = {"flux": "flat", "radial_shift": "-integral(flat)", "size": "-flat",
+                   "area": "centroid and size combined"}
 
 
 def _smooth(p: np.ndarray, width: int) -> np.ndarray:
@@ -462,6 +463,14 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
               for q in prof}
     amps = {q: (a, float(np.nanstd(amps_boot[q], ddof=1)) if len(amps_boot[q]) > 1 else float("nan"))
             for q, a in amp0.items()}
+    if "radial_shift" in amps and "size" in amps and len(amps_boot["size"]) > 2:
+        # centroid and size both measure the area part: combine them, inverse-variance weighted, the
+        # weights fixed from the bootstrap and the error from the same replicates (their correlation kept)
+        (ac, ec), (az, ez) = amps["radial_shift"], amps["size"]
+        if np.isfinite(ec * ez) and ec > 0 and ez > 0:
+            wc, wz = 1 / ec ** 2, 1 / ez ** 2
+            comb = (wc * np.asarray(amps_boot["radial_shift"]) + wz * np.asarray(amps_boot["size"])) / (wc + wz)
+            amps["area"] = (float((wc * ac + wz * az) / (wc + wz)), float(np.nanstd(comb, ddof=1)))
     # significance of the flat's ring pattern: the cross power of the two halves' flat profiles against
     # a null that shifts one half along the profile (same noise, pattern no longer aligned)
     snr = float("nan")

@@ -2,9 +2,11 @@
 
 For each feature the flat shows, :mod:`spotflat.profiles` measures how much
 of the flat's pattern the spots follow in flux (a QE variation: the flux
-follows the flat, ``qe_fraction = 1``) and in centroid (a pixel-area
-variation: the charge moves, the centroid follows the integral of the flat,
-``area_fraction = 1``, while the flux does not). The two fractions are
+follows the flat, ``qe_fraction = 1``) and in centroid and size (a
+pixel-area variation: the charge moves, the centroid follows the integral of
+the flat and the size minus the flat; ``area_fraction = 1`` is the two
+combined, inverse-variance weighted; each is also reported alone), while the
+flux does not. The two fractions are
 estimated independently, each with a bootstrap error over spots that also
 carries the flat's own noise; they need not add to 1 (a flat that does not
 describe the spots at all gives two zeros).
@@ -87,13 +89,16 @@ def _row(feature: str, prof, nsigma: float, min_snr: float) -> dict:
     nan = float("nan")
     if prof is None or not prof.amplitudes:
         return {"feature": feature, "qe_fraction": nan, "qe_fraction_err": nan, "area_fraction": nan,
-                "area_fraction_err": nan, "size_fraction": nan, "size_fraction_err": nan,
+                "area_fraction_err": nan, "centroid_fraction": nan, "centroid_fraction_err": nan,
+                "size_fraction": nan, "size_fraction_err": nan,
                 "flat_snr": nan, "npoint": 0, "verdict": "undetected"}
     qe, qe_e = prof.amplitudes["flux"]
-    ar, ar_e = prof.amplitudes["radial_shift"]
+    cen, cen_e = prof.amplitudes["radial_shift"]
     sz, sz_e = prof.amplitudes.get("size", (nan, nan))
+    ar, ar_e = prof.amplitudes.get("area", (cen, cen_e))
     return {"feature": feature, "qe_fraction": qe, "qe_fraction_err": qe_e, "area_fraction": ar,
-            "area_fraction_err": ar_e, "size_fraction": sz, "size_fraction_err": sz_e,
+            "area_fraction_err": ar_e, "centroid_fraction": cen, "centroid_fraction_err": cen_e,
+            "size_fraction": sz, "size_fraction_err": sz_e,
             "flat_snr": prof.flat_snr, "npoint": int(np.sum(prof.n)),
             "verdict": classify(qe, qe_e, ar, ar_e, prof.flat_snr, nsigma, min_snr)}
 
@@ -147,10 +152,11 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
                        "SEED": seed})
     if "treering" in profs:
         table.meta["TRCX"], table.meta["TRCY"] = (float(v) for v in profs["treering"].centre)
-    for col in ("qe_fraction", "area_fraction", "size_fraction"):
-        table[col].description = {"qe_fraction": "flux amplitude along the flat's pattern (1 = QE-like)",
-                                  "area_fraction": "centroid amplitude along the flat's integral (1 = area-like)",
-                                  "size_fraction": "size change along -flat (1 = area-like)"}[col]
+    for col, text in (("qe_fraction", "flux amplitude along the flat's pattern (1 = QE-like)"),
+                      ("area_fraction", "centroid and size amplitudes combined (1 = area-like)"),
+                      ("centroid_fraction", "centroid amplitude along -integral(flat) (1 = area-like)"),
+                      ("size_fraction", "size change along -flat (1 = area-like)")):
+        table[col].description = text
     return Verdict(table=table, profiles=profs)
 
 
