@@ -73,3 +73,21 @@ def test_classify_rules():
     assert classify(0.5, 0.1, 0.5, 0.1, 20) == "mixed"
     assert classify(0.05, 0.1, 0.05, 0.1, 20) == "undetected"
     assert classify(1.0, 0.1, 0.0, 0.1, 2) == "undetected"  # the flat shows no rings
+
+
+def test_correlate_writes_verdict_table(tmp_path):
+    """``spotflat correlate`` gains the profiles and verdict (one row per feature)."""
+    from spotflat import build_calibration, read_grids
+    from spotflat.pipeline import run_correlate, write_outputs
+    from spotflat.simulate import simulate_run
+
+    sim = simulate_run(tmp_path / "sim", detector=DET, ndither=6, seed=2, ncols=15, nrows=15, xstep=200.0,
+                       response=ResponseParams(treering_boost=25.0))
+    cal = build_calibration(read_grids(sim.spot_files), min_dithers=3)
+    res = run_correlate(cal, sim.flat_path, nboot=20, nnull=20, block="patch")
+    files = write_outputs(res, tmp_path / "out", figures=False)
+    assert tmp_path / "out" / "verdict.ecsv" in files
+    t = Table.read(tmp_path / "out" / "verdict.ecsv")
+    assert list(t["feature"]) == ["treering", "edge"]
+    assert set(t["verdict"]) <= {"qe", "area", "mixed", "undetected"}
+    assert (tmp_path / "out" / "profiles.ecsv").exists()
