@@ -91,3 +91,4 @@ def test_correlate_writes_verdict_table(tmp_path):
     assert list(t["feature"]) == ["treering", "edge"]
     assert set(t["verdict"]) <= {"qe", "area", "mixed", "undetected"}
     assert (tmp_path / "out" / "profiles.ecsv").exists()
+

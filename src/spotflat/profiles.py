@@ -47,55 +47,17 @@ def treering_centre(detector: str | None, flat: np.ndarray | None = None,
                     shape: tuple[int, int] | None = None) -> tuple[float, float] | None:
     """The tree-ring centre of a detector, CCD pixels (DM convention).
 
-    From the packaged imSim table for LSSTCam science detectors; otherwise
-    (unknown detector) fitted from the flat when one is given
-    (:func:`fit_centre`); otherwise None.
+    From the packaged imSim table (all 189 LSSTCam science detectors: centres
+    measured on LSSTCam data); None for other detectors, whose profiles then
+    need an explicit ``centre``. (A centre fitted from the flat alone is not
+    offered: on one CCD the ring curvature pins the direction to the centre
+    well but its distance poorly.)
     """
     from .treerings import known_detector, treering_model
 
     if detector and known_detector(detector):
         return treering_model(detector).centre
-    if flat is not None:
-        return fit_centre(flat)
     return None
-
-
-def fit_centre(flat: np.ndarray, grid: int = 9, span: float = 12000.0) -> tuple[float, float]:
-    """Fit a tree-ring centre to a flat: the centre that makes its rings sharpest.
-
-    For trial centres on a coarse then finer grid, the flat (binned 4 x 4) is
-    azimuthally averaged in 4-px radial bins; the centre maximising the
-    variance of the high-passed radial profile (rings add coherently only
-    about their own centre) wins.
-    """
-    img = np.asarray(flat, dtype=float)
-    ny, nx = img.shape
-    b = 4
-    sm = img[: ny // b * b, : nx // b * b].reshape(ny // b, b, nx // b, b).mean(axis=(1, 3))
-    yy, xx = np.mgrid[0:sm.shape[0], 0:sm.shape[1]]
-    xx = xx * b + (b - 1) / 2
-    yy = yy * b + (b - 1) / 2
-    ok = np.isfinite(sm)
-    v = sm[ok] / np.nanmean(sm[ok]) - 1
-    xs, ys = xx[ok], yy[ok]
-
-    def score(cx, cy):
-        r = np.hypot(xs - cx, ys - cy)
-        i = ((r - r.min()) / 4).astype(int)
-        n = np.bincount(i)
-        m = np.bincount(i, weights=v) / np.maximum(n, 1)
-        hp = m - _running_mean(m, n > 0, 40)
-        return float(np.nansum(n * hp * hp))
-
-    cx0, cy0, half = (nx - 1) / 2, (ny - 1) / 2, span
-    best = (cx0, cy0)
-    for _ in range(4):
-        cands = [(cx0 + dx, cy0 + dy) for dx in np.linspace(-half, half, grid) for dy in np.linspace(-half, half, grid)]
-        scores = [score(cx, cy) for cx, cy in cands]
-        best = cands[int(np.argmax(scores))]
-        cx0, cy0 = best
-        half /= grid / 2
-    return float(best[0]), float(best[1])
 
 
 def _running_mean(v: np.ndarray, ok: np.ndarray, width: int) -> np.ndarray:
@@ -397,17 +359,28 @@ def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, o
     return float(sol[0])
 
 
-def _profiles_from_points(coord, values: dict, spot: np.ndarray, edges: np.ndarray, counts: np.ndarray | None):
-    """Bin means of each quantity; ``counts`` weights spots (bootstrap)."""
+def _profiles_from_points(coord, values: dict, spot: np.ndarray, edges: np.ndarray, counts: np.ndarray | None,
+                          _cache: dict | None = None):
+    """Bin means of each quantity; ``counts`` weights spots (bootstrap). ``_cache`` keeps the binning."""
     nb = edges.size - 1
-    idx = np.searchsorted(edges, coord, side="right") - 1
-    inb = (idx >= 0) & (idx < nb)
+    if _cache is not None and "idx" in _cache:
+        idx, sel = _cache["idx"], _cache["sel"]
+    else:
+        idx = np.searchsorted(edges, coord, side="right") - 1
+        inb = (idx >= 0) & (idx < nb)
+        sel = {q: np.flatnonzero(inb & np.isfinite(v)) for q, v in values.items()}
+        if _cache is not None:
+            _cache.update(idx=idx, sel=sel, vals={q: values[q][sel[q]] for q in values},
+                          spot={q: spot[sel[q]] for q in values}, bins={q: idx[sel[q]] for q in values})
     out, nout = {}, None
-    for q, v in values.items():
-        ok = inb & np.isfinite(v)
-        w = np.ones(ok.sum()) if counts is None else counts[spot[ok]].astype(float)
-        n = np.bincount(idx[ok], weights=w, minlength=nb)
-        sm = np.bincount(idx[ok], weights=w * v[ok], minlength=nb)
+    for q in values:
+        if _cache is not None:
+            b, v, sk = _cache["bins"][q], _cache["vals"][q], _cache["spot"][q]
+        else:
+            b, v, sk = idx[sel[q]], values[q][sel[q]], spot[sel[q]]
+        w = None if counts is None else counts[sk].astype(float)
+        n = np.bincount(b, weights=w, minlength=nb)
+        sm = np.bincount(b, weights=v if w is None else w * v, minlength=nb)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[q] = np.where(n > 0, sm / n, np.nan)
         if nout is None:
@@ -431,11 +404,14 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
             return p - ref
         return _highpass(p, hp_bins)
 
+    caches = [{}, {}, {}]
+    subsets = [(coord[g], {q: v[g] for q, v in vals.items()}, spot[g]) for g in groups]
+
     def profiles(counts):
-        allp, n = _profiles_from_points(coord, vals, spot, edges, counts)
+        allp, n = _profiles_from_points(coord, vals, spot, edges, counts, caches[0])
         parts = []
-        for g in groups:
-            pg, _ = _profiles_from_points(coord[g], {q: v[g] for q, v in vals.items()}, spot[g], edges, counts)
+        for (cg, vg, sg), cache in zip(subsets, caches[1:]):
+            pg, _ = _profiles_from_points(cg, vg, sg, edges, counts, cache)
             parts.append({q: hp(p) for q, p in pg.items()})
         return {q: hp(p) for q, p in allp.items()}, parts, n
 

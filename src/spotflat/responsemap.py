@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
 
 from .errors import InputError
 from .fileio import provenance_cards
@@ -59,7 +58,7 @@ class ResponseResult:
 
 def run_response(spotdata, calibration=None, flat=None, *, detector: str | None = None,
                  binsize: int = 64, per_amp: bool = False, flux_column: str | None = None,
-                 shape: tuple[int, int] | None = None, nboot: int = 200, seed: int = 0,
+                 shape: tuple[int, int] | None = None, nboot: int = 100, seed: int = 0,
                  progress: bool = False) -> ResponseResult:
     """Solve the response map of one detector from its spot data.
 

@@ -407,7 +407,6 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
                       0.0)
         F = np.exp((w2 * lF).sum(axis=1) / w2.sum(axis=1))
     F[okF.sum(axis=1) == 0] = np.nan
-    nk = keep.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         F_err = F * err_scale * np.sqrt(1.0 / w2.sum(axis=1))
     F_err[okF.sum(axis=1) == 0] = np.nan
@@ -611,11 +610,14 @@ def _analyse(fit: dict, nbin_total: int, max_dense: int, main: int = 0, nbx: int
     dF = np.asarray(AF.multiply(AF).sum(axis=0)).ravel()
     iF = sp.diags(1.0 / dF)
     # after eliminating F: the (s, U) system
-    NsF = (As_.T @ AF).tocsr()
+    # N_sF is nearly dense (every spot in most exposures): dense BLAS products, not sparse ones
+    NsF = (As_.T @ AF).toarray()
     NUF = (AU.T @ AF).tocsr()
-    Nss = (As_.T @ As_).toarray() - (NsF @ iF @ NsF.T).toarray()
-    NsU = (As_.T @ AU).toarray() - (NsF @ iF @ NUF.T).toarray()
+    NsF_i = NsF / dF[None, :]
+    Nss = (As_.T @ As_).toarray() - NsF_i @ NsF.T
+    NsU = (As_.T @ AU).toarray() - np.asarray((NUF @ NsF_i.T).T)
     NUU = (AU.T @ AU).toarray() - (NUF @ iF @ NUF.T).toarray()
+    del NsF, NsF_i
     # eliminate s (N_ss is singular along the constant: a gauge shared with F)
     # the constant is N_ss's null vector (s -> c s, F -> F / c) and N_sU^T 1 = 0: regularise along it
     ones = np.ones(nJ) / np.sqrt(nJ)

@@ -116,7 +116,8 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
         Normalised flat of the same detector.
     detector : str, optional
         Detector name: the tree-ring centre comes from the packaged imSim
-        table; for other detectors it is fitted from the flat.
+        table (other detectors need ``centre``; without it the tree-ring row
+        is ``undetected``).
     used : numpy.ndarray, optional
         Points to use (e.g. a calibration's kept points).
     centre : tuple of float, optional
@@ -138,10 +139,11 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
     pq = point_quantities(grids, flat, used, detector=detector)
     profs = {}
     c = centre or treering_centre(detector, flat, shape=flat.shape)
-    try:
-        profs["treering"] = radial_profiles(grids, c, flat, used, nboot=nboot, seed=rng, points=pq)
-    except InputError:
-        pass
+    if c is not None:
+        try:
+            profs["treering"] = radial_profiles(grids, c, flat, used, nboot=nboot, seed=rng, points=pq)
+        except InputError:
+            pass
     try:
         profs["edge"] = edge_profiles(grids, flat.shape, flat, used, nboot=nboot, seed=rng, points=pq)
     except InputError:

@@ -23,7 +23,7 @@ __all__ = ["response"]
               help="Map bin size, pixels.")
 @click.option("--per-amp", is_flag=True, help="Also fit one factor per amplifier.")
 @click.option("--flux-column", default=None, help="Flux column of the spot data.")
-@click.option("--nboot", type=click.IntRange(min=0), default=200, show_default=True,
+@click.option("--nboot", type=click.IntRange(min=0), default=100, show_default=True,
               help="Resamples over spots for the profile errors.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resampling.")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG figures.")
