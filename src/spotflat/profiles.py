@@ -435,8 +435,10 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
             boot[q][b] = pb[q]
         for q, a in amplitudes(partsb)[0].items():
             amps_boot[q].append(a)
-    errors = {q: (np.nanstd(boot[q], axis=0, ddof=1) if counts.shape[0] > 1 else np.full(nb, np.nan))
-              for q in prof}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # empty bins: NaN errors, not a warning
+        errors = {q: (np.nanstd(boot[q], axis=0, ddof=1) if counts.shape[0] > 1 else np.full(nb, np.nan))
+                  for q in prof}
     amps = {q: (a, float(np.nanstd(amps_boot[q], ddof=1)) if len(amps_boot[q]) > 1 else float("nan"))
             for q, a in amp0.items()}
     if "radial_shift" in amps and "size" in amps and len(amps_boot["size"]) > 2:

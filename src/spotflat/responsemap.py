@@ -157,7 +157,7 @@ def response_hdulist(res: ResponseResult) -> fits.HDUList:
     star = res.star
     primary = fits.PrimaryHDU()
     h = primary.header
-    h["BINSIZE"] = (star.binsize, "[pix] bin i,j: x in [i*B,(i+1)*B), y in [j*B,(j+1)*B)")
+    h["BINSIZE"] = (star.binsize, "[pix] map bin size B")
     h["DETECTOR"] = (res.detector, "detector")
     h["CCDNX"] = (int(star.shape[1]), "[pix] CCD width")
     h["CCDNY"] = (int(star.shape[0]), "[pix] CCD height")
@@ -167,6 +167,7 @@ def response_hdulist(res: ResponseResult) -> fits.HDUList:
             continue
         h[k] = v
     h["COMMENT"] = "RESPONSE: R normalised to mean 1 over constrained bins; NaN = unconstrained or not visited"
+    h["COMMENT"] = "bin i,j covers CCD x in [i*B,(i+1)*B), y in [j*B,(j+1)*B) (DM pixels)"
     h["COMMENT"] = "array index [j, i] = bin (x index i, y index j)"
     if res.flat_comparison is not None:
         c = res.flat_comparison
