@@ -161,7 +161,7 @@ def response_hdulist(res: ResponseResult) -> fits.HDUList:
     h["DETECTOR"] = (res.detector, "detector")
     h["CCDNX"] = (int(star.shape[1]), "[pix] CCD width")
     h["CCDNY"] = (int(star.shape[0]), "[pix] CCD height")
-    h["CONVENT"] = ("DM", "pixel centres at integers, (0,0) lower-left pixel")
+    h["CONVENT"] = ("DM", "pixel centres at integers, (0,0) lower left")
     for k, v in star.meta.items():
         if k in ("BINSIZE", "DETECTOR"):
             continue
