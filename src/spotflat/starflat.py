@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import lsmr
+from scipy.sparse.linalg import LinearOperator, lsmr
 
 from .errors import InputError
 
@@ -343,23 +343,30 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
         key = ibin
     err_scale = 1.0
     niter = 0
-    for it in range(max(int(maxclip), 0) + 1):
+    fit = None
+    # clipping rounds need only rough residuals (loose tolerance); the final solve is tight, warm-started
+    rounds = max(int(maxclip), 0) if clip > 0 else 0
+    for it in range(rounds + 1):
         keep = _prune(keep, min_points)
         if keep.sum() < 3:
             raise InputError("too few usable spot measurements for a response map",
                              expected="dithered spot data with positive fluxes on the CCD")
-        fit = _fit(logf, sig, key, keep, nbx * nby, amp_lab, amps)
+        final = it == rounds
+        fit = _fit(logf, sig, key, keep, nbx * nby, amp_lab, amps, prev=fit, tol=1e-9 if final else 1e-5)
         niter += fit["niter"]
-        chi = fit["resid"] / sig
-        chi2 = float(np.sum(chi[keep] ** 2))
-        if clip <= 0 or it == maxclip:
+        if final:
             break
+        chi = fit["resid"] / sig
         # robust spread of the normalised residuals: outliers must not set their own threshold
         spread = 1.4826 * np.median(np.abs(chi[keep]))
         bad = keep & (np.abs(chi) > clip * max(spread, 1e-12))
         if not bad.any():
+            fit = _fit(logf, sig, key, keep, nbx * nby, amp_lab, amps, prev=fit, tol=1e-9)
+            niter += fit["niter"]
             break
         keep &= ~bad
+    chi = fit["resid"] / sig
+    chi2 = float(np.sum(chi[keep] ** 2))
 
     ana = _analyse(fit, nbx * nby, max_dense, main, nbx, binsize, (ny, nx), gauge)
     dof = max(int(keep.sum()) - fit["rank"], 1)
@@ -485,8 +492,9 @@ def _prune(keep: np.ndarray, min_points: int) -> np.ndarray:
         keep[:, bad_j] = False
 
 
-def _fit(logf, sig, ibin, keep, nbin_total, amp_lab, amps) -> dict:
-    """One weighted least-squares solve (LSMR on the column-scaled design)."""
+def _fit(logf, sig, ibin, keep, nbin_total, amp_lab, amps, prev: dict | None = None,
+         tol: float = 1e-9) -> dict:
+    """One weighted least-squares solve (LSMR on the column-scaled design); ``prev`` warm-starts it."""
     nspot, nexp = logf.shape
     kk, jj = np.nonzero(keep)
     spots = np.unique(kk)
@@ -514,10 +522,24 @@ def _fit(logf, sig, ibin, keep, nbin_total, amp_lab, amps) -> dict:
     D = sp.diags(1.0 / np.maximum(norms, 1e-300))
     As = (A @ D).tocsr()
     x0 = np.zeros(ncol)
-    x0[:nK] = np.bincount(ck, weights=logf[kk, jj] * w * w, minlength=nK) / np.bincount(ck, weights=w * w,
-                                                                                        minlength=nK)
+    if prev is None:
+        x0[:nK] = np.bincount(ck, weights=logf[kk, jj] * w * w, minlength=nK) / np.bincount(ck, weights=w * w,
+                                                                                            minlength=nK)
+    else:
+        # after clipping a few points the solution barely moves: start from the previous one
+        x0[:nK] = np.nan_to_num(prev["logF"][spots])
+        x0[nK:nK + nJ] = np.nan_to_num(prev["logs"][exps])
+        pb = prev["bins"]
+        pos = np.clip(np.searchsorted(pb, bins), 0, pb.size - 1)
+        pu = prev["x"][prev["nK"] + prev["nJ"]:prev["nK"] + prev["nJ"] + prev["nB"]]
+        x0[nK + nJ:nK + nJ + nB] = np.where(pb[pos] == bins, pu[pos], 0.0)
+        if nA:
+            x0[nK + nJ + nB:] = prev["x"][-nA:]
     r0 = b - A @ x0
-    sol = lsmr(As, r0, atol=1e-10, btol=1e-10, maxiter=max(20 * ncol, 2000))
+    # LSMR needs A x and A^T y: give it both in CSR (row-wise products are the fast ones)
+    AsT = As.T.tocsr()
+    op = LinearOperator(As.shape, matvec=lambda v: As @ v, rmatvec=lambda v: AsT @ v, dtype=float)
+    sol = lsmr(op, r0, atol=tol, btol=tol, maxiter=max(20 * ncol, 2000))
     xsol = x0 + D @ sol[0]
     resid = np.zeros(logf.shape)
     resid[kk, jj] = (b - A @ xsol) / w
