@@ -19,6 +19,7 @@ Writes into ``docs/_generated/`` (ignored by git):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -37,7 +38,9 @@ HERE = Path(__file__).resolve().parent
 DEMO = {"ndither": 20, "nboot": 200, "nnull": 200, "seed": 0, "mismatch": "treering"}
 DEMO_FIGURES = ("spot_flux_map.png", "t_map.png", "q_map.png", "residual_map.png", "t_vs_q.png",
                 "residual_hist.png", "amp_residuals.png", "residual_vs_boundary.png",
-                "mismatch_recovery.png")
+                "mismatch_recovery.png", "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_q.png")
+#: modules that draw the demo figures: a change to any of them remakes the cached run
+FIGURE_CODE = ("plots.py", "figures.py", "mapbins.py", "cli/demo.py")
 
 VENDOR_COLOURS = {"ITL": "#9ecae1", "E2V": "#fdae6b"}
 KIND_HATCH = {"science": None, "guider": "////", "wavefront": "...."}
@@ -133,7 +136,11 @@ def amplifier_figure(path: Path, detectors=("R22_S11", "R02_S02")) -> Path:
 def demo_figures(outdir: Path, force: bool = False) -> list[Path]:
     """Run a small ``spotflat demo`` into ``outdir`` unless it is there already."""
     stamp = outdir / "stamp.json"
-    want = {"version": spotflat.__version__, **DEMO}
+    code = hashlib.sha1()
+    for name in FIGURE_CODE:
+        f = Path(spotflat.__file__).parent / name
+        code.update(f.read_bytes() if f.exists() else b"")
+    want = {"version": spotflat.__version__, "code": code.hexdigest(), **DEMO}
     have = json.loads(stamp.read_text()) if stamp.exists() else None
     if not force and have == want and all((outdir / f).exists() for f in DEMO_FIGURES):
         return [outdir / f for f in DEMO_FIGURES]

@@ -43,9 +43,10 @@ from matplotlib.figure import Figure
 
 import spotflat
 from spotflat import plots
-from spotflat.compare import binned_map
+from spotflat.compare import normalise_like_t
 from spotflat.footprint import bin_flat, footprint_sigma
 from spotflat.geometry import amp_of_pixel, ccd_shape
+from spotflat.mapbins import choose_map_bin, map_noise
 from spotflat.pipeline import run_correlate, write_outputs
 
 FIGURES = Path("simulated_walkthrough_figures")
@@ -155,7 +156,8 @@ Q = spotflat.sample_flat(flat, grids.x, grids.y, sigma=sigma)
 print("flat", flat.shape, f"mean {np.nanmean(flat):.4f}; Q", Q.shape, f"for spot {k}:", np.round(Q[k, :5], 5))
 
 fig = plots.plot_ccd_map(bin_flat(flat, 32), bin=32, detector="R22_S11",
-                         title="CCOB flat / its mean (32-pixel bins)", label="flat", cmap="gray")
+                         title="CCOB flat / its mean (32-pixel bins)", label="flat / mean − 1", unit="",
+                         offset=1.0, cmap="gray")
 plots.save_figure(fig, FIGURES / "flat.png")
 fig
 
@@ -206,16 +208,21 @@ fig = plots.plot_t_vs_q(comp.t, comp.q, slope=st.slope, slope_err=st.slope_err, 
 plots.save_figure(fig, FIGURES / "t_vs_q.png")
 
 shape = ccd_shape(comp.detector)
-injected = sim.mismatch - 1.0
-both = ok & np.isfinite(injected)
-r_rec = spotflat.pearson_r(np.where(both, comp.d, np.nan), np.where(both, injected, np.nan))
-fig = Figure(figsize=(11, 4.6), layout="constrained")
+# the injected pattern normalised per spot like d (d cannot see structure larger than a spot's dithers)
+both = ok & np.isfinite(sim.mismatch)
+injected = np.where(both, normalise_like_t(sim.mismatch, both) - 1.0, np.nan)
+r_rec = spotflat.pearson_r(np.where(both, comp.d, np.nan), injected)
+# bins chosen from the residual's own signal and noise (see spotflat.mapbins)
+rec = choose_map_bin(comp.x, comp.y, comp.d, shape)
+inj = map_noise(comp.x, comp.y, injected, shape, rec.bin)
+scale = plots.unit_scale(rec.map)
+lim = float(np.nanpercentile(np.abs(inj.map), 98)) * scale[0]
+fig = Figure(figsize=(11.5, 5.0), layout="constrained")
 ax1, ax2 = fig.subplots(1, 2)
-plots.plot_ccd_map(binned_map(comp.x, comp.y, np.where(both, injected, np.nan), shape, bin=128), bin=128,
-                   detector=comp.detector, ax=ax1, title="injected: spots / flat - 1", label="injected",
-                   symmetric=True, cmap="RdBu_r")
-plots.plot_ccd_map(binned_map(comp.x, comp.y, comp.d, shape, bin=128), bin=128, detector=comp.detector, ax=ax2,
-                   title=f"recovered residual d (r = {r_rec:.2f})", label="d", symmetric=True, cmap="RdBu_r")
+plots.plot_ccd_map(inj.map, bin=rec.bin, detector=comp.detector, ax=ax1, title="injected: spots / flat - 1",
+                   label="injected", scale=scale, vlim=(-lim, lim), cmap="RdBu_r")
+plots.plot_ccd_map(rec.map, bin=rec.bin, detector=comp.detector, ax=ax2, title=f"recovered residual d (r = {r_rec:.2f})",
+                   label="d", scale=scale, vlim=(-lim, lim), cmap="RdBu_r", note=rec.describe(*scale))
 plots.save_figure(fig, FIGURES / "residual_vs_injected.png")
 print(f"correlation of the residual d with the injected pattern: {r_rec:.3f}")
 fig

@@ -27,7 +27,8 @@ pytest.importorskip("sphinx_click")
 PAGES = ("index", "getting_started", "science", "coordinates", "inputs", "examples", "cli", "api/index")
 FIGURES = ("focal_plane.png", "ccd_amplifiers.png", "spot_flux_map.png", "t_map.png", "q_map.png",
            "residual_map.png", "t_vs_q.png", "residual_hist.png", "amp_residuals.png",
-           "residual_vs_boundary.png", "mismatch_recovery.png")
+           "residual_vs_boundary.png", "mismatch_recovery.png", "dx_vs_dqdx.png", "dy_vs_dqdy.png",
+           "size_vs_q.png")
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,20 @@ def test_rst_doctests(page):
     assert res.failed == 0, f"{res.failed} of {res.attempted} examples in {page} failed"
     if page == "coordinates.rst":
         assert res.attempted >= 10
+
+
+def test_every_demo_figure_has_a_caption():
+    """Getting started shows every demo figure with what to look for and what a good flat looks like."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        from make_figures import DEMO_FIGURES
+    finally:
+        sys.path.remove(str(DOCS))
+    text = (DOCS / "getting_started.rst").read_text()
+    entries = re.split(r"\n(?=``[a-z_]+\.png``)", text.split("Reading the figures", 1)[1])
+    for name in DEMO_FIGURES:
+        assert f"_generated/demo/{name}" in text, name
+        entry = next((e for e in entries if f"``{name}``" in e.split("\n", 1)[0]), None)
+        assert entry is not None, f"{name} has no entry of its own"
+        caption = " ".join(entry.split("\n\n", 1)[0].split())
+        assert "**Look for**" in caption and "**if the flat describes" in caption, name

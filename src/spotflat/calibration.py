@@ -28,7 +28,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .errors import InputError
-from .fileio import atomic_path, provenance_cards
+from .fileio import (atomic_path, check_readable, fits_table_safe, fits_table_unescape, provenance_cards, reading,
+                     staged_outputs)
 from .grids import SpotGrids
 
 __all__ = [
@@ -150,6 +151,8 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     """
     if stat not in STATISTICS:
         raise InputError(f"unknown statistic {stat!r}", expected=" or ".join(STATISTICS))
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise InputError(f"clipping threshold sigma={sigma!r}", expected="a finite number > 0 (--sigma)")
     f = np.asarray(flux, dtype=np.float64)
     if f.ndim != 2:
         raise InputError(f"flux must be 2-D [spot, exposure], got shape {f.shape}")
@@ -394,8 +397,10 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     if min_dithers < 1:
         raise InputError(f"min_dithers must be at least 1, got {min_dithers}")
     if grids.nexp < min_dithers:
-        raise InputError(f"only {grids.nexp} exposure(s), fewer than min_dithers={min_dithers}",
-                         expected="more dithers, or a lower --min-dithers")
+        names = ", ".join(map(str, grids.exposures["filename"][:3])) + (", ..." if grids.nexp > 3 else "")
+        raise InputError(f"only {grids.nexp} exposure(s) ({names}), fewer than min_dithers={min_dithers}",
+                         path=grids.exposures["path"][0] if grids.nexp == 1 else None,
+                         expected="more dithers, or min_dithers=1 (--min-dithers 1) for a single exposure")
     f = grids.flux
     F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol)
     # every per-point quantity below goes through one work array (see _masked)
@@ -427,6 +432,12 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     with np.errstate(invalid="ignore", divide="ignore"):
         flux_err = eff * flux_std / np.sqrt(n)
     valid = (n >= min_dithers) & np.isfinite(F)
+    if not valid.any():  # nothing to write: a failed calibration is an error, not a file
+        where = grids.exposures["path"][0] if grids.nexp == 1 else os.path.commonpath(
+            [str(p) for p in grids.exposures["path"]])
+        raise InputError(f"no spot was measured in at least min_dithers={min_dithers} of the {grids.nexp} "
+                         "exposures (or every point was rejected)", path=where,
+                         expected="usable fluxes; check --flux-column, or lower --min-dithers")
     ncols, nrows = grids.grid_shape
     k = np.arange(grids.nspot)
 
@@ -568,21 +579,24 @@ def write_calibration(calib: Calibration, path: str | os.PathLike, ecsv: bool = 
     primary.header["COMMENT"] = "spotflat calibration catalogue: HDU SPOTS (F[k]) and EXPOSURES (s[j])"
     spots, exposures = calib.spots.copy(), calib.exposures.copy()
     spots.meta, exposures.meta = {}, {}
+    exposures = fits_table_safe(exposures)  # paths with non-ASCII characters
     hdul = fits.HDUList([primary, _hdu(spots, "SPOTS"), _hdu(exposures, "EXPOSURES")])
     if calib.used is not None:
         hdul.append(_used_hdu(calib.used))
     written = []
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        hdul.writeto(tmp)
-    written.append(path)
-    if ecsv:
-        for name, table in (("spots", calib.spots), ("exposures", calib.exposures)):
-            out = path.with_name(f"{path.stem}_{name}.ecsv")
-            t = table.copy()
-            t.meta = dict(cards)
-            with atomic_path(out, overwrite=overwrite) as tmp:
-                t.write(tmp, format="ascii.ecsv")
-            written.append(out)
+    inputs = [p for p in calib.exposures["path"]] if "path" in calib.exposures.colnames else []
+    with staged_outputs(inputs=inputs):  # the FITS file and the ECSV pair appear together
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            hdul.writeto(tmp)
+        written.append(path)
+        if ecsv:
+            for name, table in (("spots", calib.spots), ("exposures", calib.exposures)):
+                out = path.with_name(f"{path.stem}_{name}.ecsv")
+                t = table.copy()
+                t.meta = dict(cards)
+                with atomic_path(out, overwrite=overwrite) as tmp:
+                    t.write(tmp, format="ascii.ecsv")
+                written.append(out)
     return written
 
 
@@ -606,6 +620,12 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
     path = Path(path)
     if not path.exists():
         raise InputError("no such file", path=path, expected="a calibration catalogue")
+    with reading(path, "a spotflat calibration catalogue"):
+        check_readable(path, "a spotflat calibration catalogue")
+        return _read_calibration(path)
+
+
+def _read_calibration(path: Path) -> Calibration:
     used = None
     try:
         if path.suffix == ".ecsv":
@@ -626,7 +646,9 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
                     used = _read_used(hdul["USED"], path, *shape)
             spots = Table.read(path, hdu="SPOTS")
             exposures = Table.read(path, hdu="EXPOSURES")
-            spots.meta, exposures.meta = {}, {}
+            spots.meta = {}
+            exposures = fits_table_unescape(exposures)
+            exposures.meta = {}
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -639,4 +661,33 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
               [c for c in ("filename", "scale") if c not in exposures.colnames]
     if missing:
         raise InputError(f"calibration catalogue lacks columns {', '.join(missing)}", path=path)
+    _check_values(spots, exposures, path)
     return Calibration(spots=spots, exposures=exposures, meta=meta, used=used)
+
+
+def _check_values(spots: Table, exposures: Table, path: Path) -> None:
+    """A damaged catalogue fails here, naming the file, not deep inside a later step."""
+    for t, cols in ((spots, ("spotgrid_index", "flux", "flux_err", "x", "y")),
+                    (exposures, ("scale", "ncols", "nrows", "x0", "y0"))):
+        for c in cols:
+            if c in t.colnames and (t[c].ndim != 1 or t[c].dtype.kind not in "biuf"):
+                raise InputError(f"column {c!r} is not a numeric scalar column", path=path,
+                                 expected="a catalogue written by spotflat calibrate")
+    k = np.asarray(spots["spotgrid_index"])
+    if len(k) == 0 or len(exposures) == 0 or not np.array_equal(k, np.arange(len(k))):
+        raise InputError("spot indices are not 0 .. nspot-1, or no spot/exposure", path=path,
+                         expected="a catalogue written by spotflat calibrate")
+    if "ncols" in exposures.colnames and "nrows" in exposures.colnames:
+        n = np.asarray(exposures["ncols"], float) * np.asarray(exposures["nrows"], float)
+        if not np.all(n == len(k)):
+            raise InputError(f"grid size in EXPOSURES does not match the {len(k)} spots", path=path)
+    with np.errstate(invalid="ignore"):
+        for c in ("x", "y"):
+            v = np.asarray(spots[c], float) if c in spots.colnames else np.zeros(1)
+            if np.any(np.abs(v) > 1e6):
+                raise InputError(f"spot positions {c!r} beyond 1e6 pixels", path=path,
+                                 expected="CCD pixel positions")
+        scale = np.asarray(exposures["scale"], float)
+        if np.any(scale <= 0) or np.any(np.isinf(scale)):
+            raise InputError("exposure scales must be positive and finite (or NaN for a rejected exposure)",
+                             path=path)

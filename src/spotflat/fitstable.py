@@ -13,13 +13,19 @@ raises :class:`Unsupported`, and callers fall back to astropy.
 
 from __future__ import annotations
 
+import errno
+import gzip
 import os
 import re
+import stat
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Unsupported", "FitsFile", "read_fits"]
+from .errors import InputError
+
+__all__ = ["Unsupported", "Damaged", "FitsFile", "read_fits", "check_structure"]
 
 _BLOCK = 2880
 _CARD = 80
@@ -37,6 +43,15 @@ _COLUMN_KEYS = frozenset(("TTYPE", "TFORM", "TSCAL", "TZERO"))
 
 class Unsupported(Exception):
     """The file uses a FITS feature this reader does not handle."""
+
+
+class Damaged(Exception):
+    """The file breaks the FITS standard in a way no reader can get around.
+
+    :class:`FitsFile` turns it into an :class:`~spotflat.errors.InputError`
+    naming the file: astropy would fail on it too (or, for sizes, try to
+    allocate what a damaged header asks for).
+    """
 
 
 def _value(raw: str):
@@ -143,22 +158,53 @@ def _parse_header(buf: memoryview | bytes, start: int) -> _Header:
                 k, v = text[c + 9:c + _CARD].split("=", 1)
                 dict.__setitem__(hdr, k.strip(), v)
     hdr.data_start = data_start
-    naxis = hdr.get("NAXIS", 0)
-    size = 0
-    if naxis:
-        size = abs(hdr.get("BITPIX", 8)) // 8
-        for ax in range(1, naxis + 1):
-            size *= hdr.get(f"NAXIS{ax}", 0)
-        size = hdr.get("GCOUNT", 1) * (hdr.get("PCOUNT", 0) + size)
-    hdr.data_size = size
+    hdr.data_size = _data_size(hdr)
     return hdr
+
+
+_BITPIX = (8, 16, 32, 64, -32, -64)
+
+
+def _card_int(hdr: _Header, key: str, default=None, low: int = 0, high: int | None = None) -> int:
+    """A structural integer card, checked: damaged headers fail here, before any allocation."""
+    if key not in hdr:
+        if default is None:
+            raise Damaged(f"header lacks the {key} card")
+        return default
+    value = hdr[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Damaged(f"header card {key} = {hdr.raw(key).split('/')[0].strip()!r} is not an integer")
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise Damaged(f"header card {key} = {value} is out of range (expected {bound})")
+    return value
+
+
+def _data_size(hdr: _Header) -> int:
+    """Bytes of the HDU's data, from validated BITPIX/NAXISn/PCOUNT/GCOUNT cards."""
+    naxis = _card_int(hdr, "NAXIS", high=999)
+    bitpix = _card_int(hdr, "BITPIX", low=-64, high=64)
+    if bitpix not in _BITPIX:
+        raise Damaged(f"header card BITPIX = {bitpix} is not a FITS pixel type (expected one of 8 16 32 64 -32 -64)")
+    if not naxis:
+        return 0
+    size = abs(bitpix) // 8
+    for ax in range(1, naxis + 1):
+        size *= _card_int(hdr, f"NAXIS{ax}")
+    return _card_int(hdr, "GCOUNT", 1, low=1 if size else 0) * (_card_int(hdr, "PCOUNT", 0) + size)
 
 
 def _read_bytes(path: Path) -> bytes:
     """The whole file, in four system calls (``open().read()`` makes nine)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a pipe must not block the open
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError("not a regular file (a device, pipe or socket)", path=path,
+                             expected="a FITS file")
+        if not st.st_mode & 0o444:  # root may read it, but a mode-000 file is not meant to be read
+            raise PermissionError(errno.EACCES, "permission denied (mode 000)", str(path))
+        size = st.st_size
         parts = [os.read(fd, size)]
         while len(parts[-1]) and sum(map(len, parts)) < size:  # short reads: pipes, network files
             parts.append(os.read(fd, size))
@@ -181,9 +227,23 @@ class FitsFile:
         For compressed or truncated files.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, data: bytes | None = None) -> None:
         self.path = Path(path)
-        self.buf = _read_bytes(self.path)
+        try:
+            self._open(data)
+        except Damaged as exc:
+            raise InputError(f"damaged FITS file: {exc}", path=self.path,
+                             expected="a FITS file as written (not edited or truncated)") from None
+
+    def _open(self, data: bytes | None) -> None:
+        self.buf = _read_bytes(self.path) if data is None else data
+        if self.buf[:2] == b"\x1f\x8b":
+            # gzip: decompress here, so that the sizes the header asks for are checked
+            # against the real data before astropy (or anyone) allocates them
+            try:
+                self.buf = gzip.decompress(self.buf)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise Damaged(f"corrupt or truncated gzip stream ({exc})") from None
         if not self.buf.startswith(b"SIMPLE  ="):
             raise Unsupported("not a plain FITS file")
         if len(self.buf) % _BLOCK:
@@ -195,7 +255,8 @@ class FitsFile:
             self.headers.append(hdr)
             end = hdr.data_start + hdr.data_size
             if end > len(self.buf):
-                raise Unsupported(f"HDU {len(self.headers) - 1} data runs past the end of the file (truncated?)")
+                raise Damaged(f"HDU {len(self.headers) - 1} needs {end} bytes, the file has {len(self.buf)} "
+                              "(truncated, or a damaged NAXISn card)")
             pos = hdr.data_start + -(-hdr.data_size // _BLOCK) * _BLOCK
             if len(self.buf) - pos < _BLOCK:
                 break
@@ -222,7 +283,12 @@ class FitsFile:
             raise Unsupported(f"HDU {hdu} is not a binary table")
         if h.layout is not None:
             return h.layout
-        nfield = h.get("TFIELDS", 0)
+        try:
+            nfield = _card_int(h, "TFIELDS", high=999)
+            _card_int(h, "NAXIS1")
+            _card_int(h, "NAXIS2")
+        except Damaged as exc:
+            raise InputError(f"damaged FITS table (HDU {hdu}): {exc}", path=self.path) from None
         key = (h.raw("NAXIS1"), nfield, tuple(kv for kv in dict.items(h) if kv[0][:5] in _COLUMN_KEYS))
         hit = _LAYOUTS.get(key)
         if hit is not None:
@@ -239,8 +305,10 @@ class FitsFile:
             scaled = any(f"{k}{i}" in h for k in ("TSCAL", "TZERO"))
             fields[name] = (code, repeat, offset, scaled)
             offset += (repeat + 7) // 8 if code == "X" else repeat * _WIDTH[code]
-        if offset != h.get("NAXIS1"):
-            raise Unsupported("row width does not match the column formats")
+        if offset != h["NAXIS1"]:
+            raise InputError(f"damaged FITS table (HDU {hdu}): the TFORMn cards make rows of {offset} bytes, "
+                             f"NAXIS1 says {h['NAXIS1']}", path=self.path,
+                             expected="consistent NAXIS1 and TFORMn cards")
         if len(_LAYOUTS) > 64:
             _LAYOUTS.clear()
         _LAYOUTS[key] = h.layout = (fields, offset)
@@ -265,8 +333,29 @@ class FitsFile:
         rec = np.dtype({"names": list(fields), "formats": [d for d, _ in fields.values()],
                         "offsets": [o for _, o in fields.values()], "itemsize": width})
         data = np.frombuffer(self.buf, dtype=rec, count=nrows, offset=h.data_start)
-        return {name: data[name].astype(data[name].dtype.newbyteorder("="))
-                for name in fields}
+        out = {}
+        for name in fields:
+            if layout[name][0] == "L":  # FITS logicals are the bytes 'T' / 'F'
+                out[name] = data[name] == ord("T")
+            else:
+                out[name] = data[name].astype(data[name].dtype.newbyteorder("="))
+        return out
+
+
+def check_structure(data: bytes, path: str | Path) -> None:
+    """Check the structural cards of FITS bytes against their length, before astropy reads them.
+
+    Raises
+    ------
+    InputError
+        For damaged or truncated structure (a header asking for more data
+        than there is), naming ``path``. Features this module does not read
+        (compression, odd padding) are left to astropy.
+    """
+    try:
+        FitsFile(path, data)
+    except Unsupported:
+        pass
 
 
 def read_fits(path: str | Path) -> FitsFile:

@@ -55,7 +55,7 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import InputError
-from .fileio import atomic_path, provenance_cards
+from .fileio import atomic_path, check_readable, provenance_cards, reading
 from .footprint import (MIN_WEIGHT, SIZE_STEP, bin_flat, correlate_separable, expected_shape,
                         flat_gradient, footprint_sigma, gaussian_kernel1d, sample_flat)
 
@@ -66,6 +66,7 @@ __all__ = [
     "read_flat",
     "load_flat",
     "prepare_flat",
+    "check_flat_varies",
     "detect_form",
     "detector_from_header",
     "normalize_flat",
@@ -172,21 +173,30 @@ class FlatImage:
 def _open_fits(path: str | os.PathLike) -> fits.HDUList:
     """Open a FITS file fully in memory; InputError for missing, non-FITS or truncated files."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError("no such file", path=path, expected="a CCOB flat FITS file")
+    check_readable(path, "a CCOB flat FITS file")
     if os.path.isdir(path):
         raise InputError("is a directory", path=path, expected="a CCOB flat FITS file")
+    with reading(path, "a CCOB flat FITS file (not truncated)"):
+        return _open_bytes(path)
+
+
+def _open_bytes(path: str) -> fits.HDUList:
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
         if raw[:2] == b"\x1f\x8b":
             # decompress once: astropy re-reads gzip streams per extension
             raw = gzip.decompress(raw)
+        from .fitstable import check_structure
+
+        check_structure(raw, path)  # sizes checked before astropy allocates what a damaged header asks
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             hdul = fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False)
             for hdu in hdul:  # touch every data unit: a truncated file fails here
                 _ = hdu.data
+    except InputError:
+        raise
     except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError) as exc:
         raise InputError(f"cannot read as FITS ({exc})", path=path,
                          expected="a FITS file (not truncated)") from None
@@ -293,6 +303,42 @@ def _check_detector(shape: tuple[int, int], detector, path) -> None:
                          expected="a flat of the same CCD as the spot data")
 
 
+def _check_header_detector(header: fits.Header, detector, path) -> None:
+    """A flat whose header names another detector than the spot data's is refused."""
+    if not isinstance(detector, str):
+        return
+    from .geometry import get_camera
+
+    cam = get_camera()
+    if detector not in cam:
+        return
+    named = detector_from_header(header)
+    for key in ("DETNAME", "DETECTOR"):
+        value = header.get(key)
+        if named is None and isinstance(value, str) and value.strip() in cam:
+            named = value.strip()
+    if named is not None and cam.detector(named).name != cam.detector(detector).name:
+        raise InputError(f"flat header names detector {named}, the spot data are {detector}", path=path,
+                         expected=f"the flat of {detector}")
+
+
+def check_flat_varies(flat: np.ndarray, path=None) -> None:
+    """Refuse a flat with no pixel-to-pixel variation (zero variance of its valid pixels).
+
+    A constant flat carries no response to compare with: correlations and
+    slopes against it are 0/0 (a slope of 1e12, a NaN r), not a result.
+
+    Raises
+    ------
+    InputError
+    """
+    v = np.asarray(flat, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size and np.std(v) <= 1e-9 * max(abs(float(np.mean(v))), 1e-300):
+        raise InputError("the flat is constant (zero variance over its valid pixels)", path=path,
+                         expected="a CCOB flat with pixel-to-pixel response")
+
+
 def _file_mask(hdul: fits.HDUList, shape) -> np.ndarray | None:
     """Bad pixels of a ``MASK`` extension: a spotflat master's bits (uint8), else a
     bool map (LSST mask planes BAD/SAT/NO_DATA when the header names them, else nonzero)."""
@@ -384,6 +430,13 @@ def load_flat(path: str | os.PathLike, normalize: str | None = "ccd", detector: 
         overscan columns when ``overscan`` is asked; shape not matching
         ``detector``; no valid pixel (e.g. all NaN).
     """
+    with reading(path, "a CCOB flat FITS file"):  # damaged cards surface lazily, while reading
+        return _load_flat(path, normalize, detector, overscan, mask, edge, stat, saturation, outliers,
+                          outlier_floor)
+
+
+def _load_flat(path, normalize, detector, overscan, mask, edge, stat, saturation, outliers,
+               outlier_floor) -> FlatImage:
     hdul = _open_fits(path)
     path = os.fspath(path)
     form = detect_form(hdul)
@@ -411,6 +464,7 @@ def load_flat(path: str | os.PathLike, normalize: str | None = "ccd", detector: 
             file_bad = _file_mask(hdul, image.shape)
         saturation_for_image = _saturation_level(saturation, [hdul[0], hdu], None)
     _check_detector(image.shape, detector, path)
+    _check_header_detector(header, detector, path)
     if det_name is None:
         det_name = _vendor_of_shape(image.shape)
     user = _read_user_mask(mask, image.shape)

@@ -39,6 +39,7 @@ from astropy.table import Table
 from astropy.utils.exceptions import AstropyUserWarning
 
 from .errors import InputError
+from .fileio import check_readable, reading
 from .fitstable import FitsFile, Unsupported
 
 __all__ = [
@@ -160,15 +161,23 @@ def _parse_name(base: str) -> dict | None:
 
 
 def _is_fits(path: str | os.PathLike) -> bool:
-    """True when the file starts like FITS (plain or gzip-compressed)."""
+    """True when the file starts like FITS (plain or gzip-compressed).
+
+    A file that cannot be read (permission denied, mode 000 even for root)
+    is an error naming it, not "not a FITS file".
+    """
     # os-level calls: a run has thousands of files and each system call counts
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
+        check_readable(path, "a processed-grid file")
         return False
     try:
+        if not os.fstat(fd).st_mode & 0o444:
+            check_readable(path, "a processed-grid file")
         head = os.read(fd, 9)
     except OSError:
+        check_readable(path, "a processed-grid file")
         return False
     finally:
         os.close(fd)
@@ -189,8 +198,12 @@ def _walk_files(directory: Path, recursive: bool) -> list[Path]:
                 if e.is_dir(follow_symlinks=False):
                     if recursive:
                         todo.append(Path(e.path))
-                elif e.is_file() and not e.name.startswith("."):
+                elif e.name.startswith("."):
+                    continue
+                elif e.is_file():
                     out.append(Path(e.path))
+                elif e.is_symlink():  # dangling or looping: the user meant a file here
+                    check_readable(e.path, "a processed-grid file (or remove the broken link)")
     return sorted(out)
 
 
@@ -264,17 +277,30 @@ class GridFile:
         return int(self.grid["NCOLS"]) * int(self.grid["NROWS"])
 
 
+#: Largest grid accepted (the projector's is 49 x 49): a damaged header asking
+#: for more fails here instead of allocating.
+MAX_GRID_POINTS = 1_000_000
+
+
 def _grid_from_header(header, path, prefix: str = "") -> dict | None:
     keys = [prefix + k for k in GRID_KEYS]
     if not all(k in header for k in keys):
         return None
-    grid = {k: header[prefix + k] for k in GRID_KEYS}
-    try:
-        grid = {k: (int(v) if k in ("NCOLS", "NROWS") else float(v)) for k, v in grid.items()}
-    except (TypeError, ValueError):
-        raise InputError("grid parameters in the header are not numbers", path=path) from None
+    grid = {}
+    for k in GRID_KEYS:
+        v = header[prefix + k]
+        integer = k in ("NCOLS", "NROWS")
+        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+            and np.isfinite(v) and (not integer or float(v).is_integer())
+        if not ok:
+            raise InputError(f"grid card {prefix + k} = {v!r} is not {'an integer' if integer else 'a finite number'}",
+                             path=path, expected="numeric grid parameters X0 Y0 XSTEP YSTEP THETA NCOLS NROWS")
+        grid[k] = int(v) if integer else float(v)
     if grid["NCOLS"] < 1 or grid["NROWS"] < 1:
         raise InputError(f"grid size {grid['NCOLS']} x {grid['NROWS']} is empty", path=path)
+    if grid["NCOLS"] * grid["NROWS"] > MAX_GRID_POINTS:
+        raise InputError(f"grid size {grid['NCOLS']} x {grid['NROWS']} is implausibly large (damaged header?)",
+                         path=path, expected=f"at most {MAX_GRID_POINTS} grid points (the projector's is 49 x 49)")
     return grid
 
 
@@ -298,7 +324,44 @@ def _column(src: _Source, name: str, path) -> np.ndarray:
         raise InputError(f"table has no column {name!r}", path=path,
                          expected=("one of " + ", ".join(fluxes[:6]) + (", ..." if len(fluxes) > 6 else ""))
                          if fluxes else None)
-    return np.asarray(src.get(name), dtype=np.float64)
+    raw = np.asarray(src.get(name))
+    if raw.ndim != 1:
+        raise InputError(f"column {name!r} holds {raw.shape[1] if raw.ndim == 2 else 'several'} values per row",
+                         path=path, expected="a scalar column (one value per spot)")
+    if raw.dtype.kind not in "iuf":
+        raise InputError(f"column {name!r} is not numeric (dtype {raw.dtype})", path=path,
+                         expected="a numeric column")
+    return raw.astype(np.float64)
+
+
+#: Fluxes outside this range are treated as unmeasured: a denormal (1e-310) or
+#: astronomically large value is a damaged point, and its square would
+#: underflow or overflow in the statistics.
+FLUX_RANGE = (1e-100, 1e100)
+
+
+def _sane_flux(flux: np.ndarray) -> np.ndarray:
+    """Fluxes with damaged values (non-finite, tiny or huge in magnitude) set to NaN."""
+    a = np.abs(flux)  # NaN compares False: it stays NaN; zero stays zero (non-positive, for the calibration)
+    bad = ((a < FLUX_RANGE[0]) & (a != 0)) | (a > FLUX_RANGE[1])
+    if bad.any():
+        flux = np.where(bad, np.nan, flux)
+    return flux
+
+
+def _sane_moments(values: dict) -> None:
+    """Points no detector can have measured become unmeasured.
+
+    Negative second moments and moments above 1e6 pixel^2 (a spot 1000
+    pixels wide) are damage, and would send the footprint sampling of the
+    flat astray.
+    """
+    xx, yy = values["xx"], values["yy"]
+    with np.errstate(invalid="ignore"):
+        bad = (np.minimum(xx, yy) < 0) | (np.maximum(xx, yy) > 1e6)
+    if bad.any():
+        for v in values.values():
+            v[bad] = np.nan
 
 
 def _header_meta(path: Path, headers: Sequence) -> dict:
@@ -357,8 +420,8 @@ def _read_dm(path: Path, src: _Source, flux_column: str | None) -> GridFile:
         dx, dy = x - gx[k], y - gy[k]
     err_name = flux_column + "Err"
     rows = {
-        "flux": _column(data, flux_column, path),
-        "flux_err": _column(data, err_name, path) if err_name in names else nan,
+        "flux": _sane_flux(_column(data, flux_column, path)),
+        "flux_err": _sane_flux(_column(data, err_name, path)) if err_name in names else nan,
         "x": x, "y": y, "dx": dx, "dy": dy,
         "xx": _column(data, "base_SdssShape_xx", path),
         "yy": _column(data, "base_SdssShape_yy", path),
@@ -370,6 +433,7 @@ def _read_dm(path: Path, src: _Source, flux_column: str | None) -> GridFile:
     for row, q in zip(block, QUANTITIES):
         row[idx] = rows[q].take(sel)
     values = dict(zip(QUANTITIES, block))
+    _sane_moments(values)
     meta = _header_meta(path, src.headers)
     return GridFile(path, "dm", grid, values, meta, flux_column)
 
@@ -387,7 +451,7 @@ def _read_legacy(path: Path, src: _Source, flux_column: str | None) -> GridFile:
                          path=path, expected=f"{nspot} rows, one per grid point")
     flux_column = flux_column or LEGACY_DEFAULT_FLUX
     c = {n: _column(data, n, path) for n in ("X", "Y", "DX", "DY", "XX", "YY", "DXX", "DYY")}
-    flux = _column(data, flux_column, path)
+    flux = _sane_flux(_column(data, flux_column, path))
     values = {
         "flux": flux,
         "flux_err": np.full(nspot, np.nan),
@@ -400,6 +464,7 @@ def _read_legacy(path: Path, src: _Source, flux_column: str | None) -> GridFile:
     missing = ~np.isfinite(flux)
     for v in values.values():
         v[missing] = np.nan
+    _sane_moments(values)
     meta = _header_meta(path, src.headers)
     return GridFile(path, "legacy", grid, values, meta, flux_column)
 
@@ -426,22 +491,19 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
         flux column or the grid parameters, or has duplicate spot indices.
     """
     path = Path(path)
-    try:
-        return _read_fast(path, flux_column)
-    except Unsupported:
-        pass  # compressed, unusual or damaged: astropy reads it or says what is wrong
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyUserWarning)
-            warnings.filterwarnings("error", message=".*truncated.*", category=AstropyUserWarning)
-            with fits.open(path, memmap=False) as hdul:
-                return _read_astropy(path, hdul, flux_column)
-    except InputError:
-        raise
-    except AstropyUserWarning as exc:
-        raise InputError(f"damaged FITS file ({exc})", path=path) from None
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise InputError(f"cannot read FITS file ({exc})", path=path) from None
+    with reading(path, "a processed-grid FITS file"):
+        try:
+            return _read_fast(path, flux_column)
+        except Unsupported:
+            pass  # compressed, unusual or damaged: astropy reads it or says what is wrong
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AstropyUserWarning)
+                warnings.filterwarnings("error", message=".*truncated.*", category=AstropyUserWarning)
+                with fits.open(path, memmap=False) as hdul:
+                    return _read_astropy(path, hdul, flux_column)
+        except AstropyUserWarning as exc:
+            raise InputError(f"damaged FITS file ({exc})", path=path) from None
 
 
 def _dispatch(path: Path, src: _Source, flux_column: str | None) -> GridFile:

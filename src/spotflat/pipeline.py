@@ -20,7 +20,7 @@ from astropy.table import Table
 from .calibration import Calibration, read_calibration
 from .compare import Comparison, binned_map, compare_spots_flat, summarize_by_amp, summarize_by_distance
 from .errors import InputError
-from .fileio import atomic_path, provenance_cards
+from .fileio import atomic_path, fits_safe, fits_table_safe, make_output_dir, provenance_cards, staged_outputs
 from .grids import SpotGrids, read_grids
 
 __all__ = [
@@ -154,6 +154,8 @@ class CorrelateResult:
     amp_summary, boundary_summary : astropy.table.Table
     files : list of pathlib.Path
         Files written (empty until :func:`write_outputs`).
+    removed_figures : list of pathlib.Path
+        Stale spotflat figures of an earlier run removed by :func:`write_figures`.
     """
 
     results: Table
@@ -163,6 +165,7 @@ class CorrelateResult:
     amp_summary: Table
     boundary_summary: Table | None
     files: list = field(default_factory=list)
+    removed_figures: list = field(default_factory=list)
     verdict: object = None  # spotflat.verdict.Verdict: QE or pixel area, per feature (issue 14)
 
 
@@ -239,14 +242,16 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     -------
     CorrelateResult
     """
-    from .flats import read_flat
+    from .flats import check_flat_varies, read_flat
     from .stats import variance_decomposition
 
     if not isinstance(calib, Calibration):
         calib = read_calibration(calib)
     grids = load_spot_data(calib, spotdata, progress=progress)
+    flat_path = None if isinstance(flat, np.ndarray) else flat
     if not isinstance(flat, np.ndarray):
         flat = read_flat(flat, normalize=normalize, detector=calib.detector or None)
+    check_flat_varies(flat, flat_path)
     comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius,
                               detector=calib.detector or None,
                               gradient=any(QUANTITY_PAIRS.get(q, "q") != "q" for q in quantities))
@@ -268,11 +273,11 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
 def _write_table(table: Table, path: Path, fmt: str) -> Path:
     with atomic_path(path) as tmp:
         if fmt == "fits":
-            hdu = fits.table_to_hdu(table)
+            hdu = fits.table_to_hdu(fits_table_safe(table))
             primary = fits.PrimaryHDU()
             for k, v in table.meta.items():
                 if len(str(k)) <= 8 and isinstance(v, (str, int, float, bool)):
-                    primary.header[str(k)] = v
+                    primary.header[str(k)] = fits_safe(v)
             hdu.header["EXTNAME"] = path.stem.upper()
             fits.HDUList([primary, hdu]).writeto(tmp)
         else:
@@ -300,8 +305,11 @@ def write_outputs(res: CorrelateResult, outdir: str | os.PathLike, figures: bool
     list of pathlib.Path
         The files written (each atomically).
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    with staged_outputs():  # all files appear together, or none (and no new empty folder)
+        return _write_outputs(res, make_output_dir(outdir), figures)
+
+
+def _write_outputs(res: CorrelateResult, outdir: Path, figures: bool) -> list[Path]:
     meta = dict(res.results.meta)
     files = [
         _write_table(res.results, outdir / "results.ecsv", "ecsv"),
@@ -327,52 +335,36 @@ def write_outputs(res: CorrelateResult, outdir: str | os.PathLike, figures: bool
     return files
 
 
-def write_figures(res: CorrelateResult, outdir: str | os.PathLike, bin: int = 128) -> list[Path]:
-    """PNG figures: spot flux map, t / q / residual maps, t vs q, histogram, per-amp bars.
+def write_figures(res: CorrelateResult, outdir: str | os.PathLike, bin: int | None = None,
+                  extra: dict | None = None) -> list[Path]:
+    """PNG figures: spot flux map, t / q / residual maps, t vs q, histogram, per-amp bars, ...
+
+    The figures (:func:`spotflat.figures.render_figures`) are staged and
+    moved into ``outdir`` together; spotflat figures of an earlier run in
+    ``outdir`` that this run does not make are removed and listed in
+    ``res.removed_figures`` (a user's other files are never touched).
+
+    Parameters
+    ----------
+    res : CorrelateResult
+    outdir : str or os.PathLike
+    bin : int, optional
+        Bin size of the maps (pixels); default chosen from the residual's
+        signal and noise.
+    extra : dict, optional
+        Further figures (file name -> Figure) written in the same set.
 
     Returns
     -------
     list of pathlib.Path
+        The PNG files written (a :class:`spotflat.figures.FigureFiles`).
     """
-    from . import geometry, plots
+    from .figures import render_figures, write_figure_set
 
-    outdir = Path(outdir)
-    comp = res.comparison
-    det = comp.detector or None
-    spots = comp.calib.spots
-    files = []
-    label = f" ({det})" if det else ""
-    fig = plots.plot_spot_map(spots["x"], spots["y"], spots["flux"], detector=det,
-                              title=f"Spot mean flux F[k]{label}", label="F [counts]")
-    files.append(plots.save_figure(fig, outdir / "spot_flux_map.png"))
-    shape = geometry.ccd_shape(det) if det else (int(np.nanmax(comp.y)) + 1, int(np.nanmax(comp.x)) + 1)
-    for name, values, title, sym in (("t_map", comp.t, "Spot relative throughput t", True),
-                                     ("q_map", comp.q, "Flat relative response q at the spots", True),
-                                     ("residual_map", comp.d, "Residual d = t/q - 1", True)):
-        m = binned_map(comp.x, comp.y, values, shape, bin=bin)
-        fig = plots.plot_ccd_map(m, bin=bin, detector=det, title=f"{title}{label}, {bin}-pixel bins",
-                                 label=name.split("_")[0], symmetric=sym, cmap="RdBu_r")
-        files.append(plots.save_figure(fig, outdir / f"{name}.png"))
-    flux = res.stats.get("flux")
-    fig = plots.plot_t_vs_q(comp.t, comp.q, slope=getattr(flux, "slope", None),
-                            slope_err=getattr(flux, "slope_err", None), r=getattr(flux, "r", None),
-                            r_err=getattr(flux, "r_err_block", None))
-    files.append(plots.save_figure(fig, outdir / "t_vs_q.png"))
-    fig = plots.plot_residual_hist(comp.d, expected_rms=_expected_rms(comp))
-    files.append(plots.save_figure(fig, outdir / "residual_hist.png"))
-    if len(res.amp_summary):
-        fig = plots.plot_amp_bars(res.amp_summary, title=f"Mean residual per amplifier{label}")
-        files.append(plots.save_figure(fig, outdir / "amp_residuals.png"))
-    if res.boundary_summary is not None and len(res.boundary_summary):
-        fig = plots.plot_distance_profile(res.boundary_summary)
-        files.append(plots.save_figure(fig, outdir / "residual_vs_boundary.png"))
-    for quantity, st in res.stats.items():
-        if quantity == "flux":
-            continue
-        a, b, against = quantity_pair(comp, quantity)
-        fig = plots.plot_t_vs_q(a, b, slope=st.slope, slope_err=st.slope_err, r=st.r, r_err=st.r_err_block,
-                                title=f"{quantity} vs {against}", xlabel=against, ylabel=quantity)
-        files.append(plots.save_figure(fig, outdir / f"{quantity}_vs_{against}.png"))
+    figs = render_figures(res, bin=bin)
+    figs.update(extra or {})
+    files = write_figure_set(figs, outdir)
+    res.removed_figures = list(files.removed)
     return files
 
 

@@ -8,12 +8,17 @@ with 2 (click's convention). Set ``SPOTFLAT_DEBUG=1`` to see tracebacks.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import math
 import os
+import warnings
+from pathlib import Path
 
 import click
 
-from ..errors import SpotflatError
+from ..errors import InputError, SpotflatError
+from ..fileio import _os_error
 
 __all__ = ["main"]
 
@@ -35,6 +40,91 @@ def _available() -> list[str]:
             if os.path.exists(os.path.join(here, f"{mod}.py"))]
 
 
+# the arguments naming each command's inputs: an error that names no file is
+# reported against them (see _with_context)
+_INPUT_ARGS = {
+    "calibrate": ("spotdata_dir",),
+    "correlate": ("calib", "flat", "flat_dir"),
+    "coords": ("points_file",),
+    "simulate": ("outdir",),
+    "demo": ("outdir",),
+}
+
+
+def _with_context(name: str, callback):
+    """Wrap a command so that errors naming no file name the command's inputs."""
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        from astropy import log as astropy_log
+
+        level = astropy_log.level
+        astropy_log.setLevel("ERROR")  # header-repair chatter ("non-ASCII characters ...") is not for users
+        try:
+            with warnings.catch_warnings():
+                # numpy's floating-point chatter (overflow in a square, all-NaN slices)
+                # is not a message for the user: results are checked, not warned about
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"(numpy|spotflat)(\.|$)")
+                return callback(*args, **kwargs)
+        except InputError as exc:
+            if exc.path is not None:
+                raise
+            given = _given(name, kwargs)
+            if not given:
+                raise
+            raise InputError(exc.problem, path=given, expected=exc.expected) from None
+        except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError,
+                MemoryError) as exc:
+            # bad input that no reader check caught: still name what was being read
+            given = _given(name, kwargs)
+            if not given or os.environ.get("SPOTFLAT_DEBUG"):
+                raise
+            text = " ".join(str(exc).split())[:200]
+            raise InputError(f"cannot process these inputs ({type(exc).__name__}: {text})", path=given,
+                             expected="undamaged inputs; if they are, please report this "
+                                      "(SPOTFLAT_DEBUG=1 shows where it failed)") from None
+        finally:
+            astropy_log.setLevel(level)
+
+    def _given(name: str, kwargs: dict) -> str:
+        return ", ".join(str(kwargs[k]) for k in _INPUT_ARGS.get(name, ()) if kwargs.get(k) is not None)
+
+    run._spotflat_context = True
+    return run
+
+
+def _refuse_empty(ptype: click.Path) -> None:
+    """An empty string is no path (``Path("")`` would silently mean the current folder)."""
+    convert = ptype.convert
+
+    def checked(value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            ptype.fail("empty path; expected a file or folder name", param, ctx)
+        return convert(value, param, ctx)
+
+    ptype.convert = checked
+
+
+def _has_float(ptype) -> bool:
+    if isinstance(ptype, click.types.FloatParamType):
+        return True
+    return isinstance(ptype, click.Tuple) and any(isinstance(t, click.types.FloatParamType) for t in ptype.types)
+
+
+def _finite(callback):
+    """No option takes NaN or infinity: refuse them, naming the option, before any work."""
+
+    def check(ctx, param, value):
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        flat = [v for item in values for v in (item if isinstance(item, (tuple, list)) else (item,))]
+        bad = [v for v in flat if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise click.BadParameter(f"{bad[0]!r} is not a finite number (no nan or inf)", ctx=ctx, param=param)
+        return callback(ctx, param, value) if callback is not None else value
+
+    return check
+
+
 class _SpotflatGroup(click.Group):
     """Group that loads sub-commands lazily and turns data errors into exit 1."""
 
@@ -45,7 +135,15 @@ class _SpotflatGroup(click.Group):
         if name not in _available():
             return None
         mod, func = _COMMANDS[name]
-        return getattr(importlib.import_module(f".{mod}", __name__), func)
+        cmd = getattr(importlib.import_module(f".{mod}", __name__), func)
+        if cmd.callback is not None and not getattr(cmd.callback, "_spotflat_context", False):
+            cmd.callback = _with_context(name, cmd.callback)
+            for param in cmd.params:
+                if isinstance(param.type, click.Path):
+                    _refuse_empty(param.type)
+                if _has_float(param.type):
+                    param.callback = _finite(param.callback)
+        return cmd
 
     def invoke(self, ctx: click.Context):
         try:
@@ -55,16 +153,20 @@ class _SpotflatGroup(click.Group):
         except SpotflatError as exc:
             _fail(exc)
         except OSError as exc:
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            _fail(f"{where}{exc.strerror or exc}", exc)
+            if getattr(exc, "filename", None):
+                _fail(_os_error(exc, Path(exc.filename)), exc)
+            _fail(f"{exc.strerror or exc}", exc)
+        except MemoryError as exc:
+            _fail("out of memory (a damaged header asking for a huge array?)", exc)
         except Exception as exc:  # last resort: still one line, no traceback
-            _fail(f"unexpected error ({type(exc).__name__}): {exc}", exc)
+            text = " ".join(str(exc).split())
+            _fail(f"unexpected error ({type(exc).__name__}): {text}", exc)
 
 
 def _fail(message, exc: BaseException | None = None) -> None:
     if os.environ.get("SPOTFLAT_DEBUG"):
         raise exc if exc is not None else message
-    raise click.ClickException(str(message))
+    raise click.ClickException(" ".join(str(message).split()))
 
 
 @click.group(cls=_SpotflatGroup, context_settings={"help_option_names": ["-h", "--help"]})

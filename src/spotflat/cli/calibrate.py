@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ._common import echo_summary
+from ._common import POSITIVE, echo_summary, explain_groups
 
 __all__ = ["calibrate", "workers_options"]
 
@@ -55,7 +55,7 @@ def _is_dir_output(output: Path, raw: str) -> bool:
                    "FLUX+DFLUX for legacy files; '+' sums columns).")
 @click.option("--stat", type=click.Choice(["clipped", "mean", "median"]), default="clipped",
               show_default=True, help="Statistic for F[k] and s[j].")
-@click.option("--sigma", type=float, default=4.0, show_default=True,
+@click.option("--sigma", type=POSITIVE, default=4.0, show_default=True,
               help="Clipping threshold for --stat clipped.")
 @click.option("--min-dithers", type=click.IntRange(min=1), default=3, show_default=True,
               help="Spots kept in fewer exposures are flagged invalid.")
@@ -76,12 +76,14 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
     """
     from ..calibration import write_calibration
     from ..errors import InputError
-    from ..fileio import check_writable
+    from ..fileio import check_output, check_writable, make_output_dir, staged_outputs
     from ..focalplane import calibrate_detectors
     from ..grids import find_grid_files, group_by_detector
     from ..parallel import Runner
 
     raw = output
+    if not raw:
+        raise InputError("-o/--output: empty output path", expected="a file or folder name")
     output = Path(output)
     to_dir = _is_dir_output(output, raw)
     if to_dir:
@@ -98,6 +100,8 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
                 raise InputError("no such directory", path=spotdata_dir,
                                  expected="a folder of processed-grid files")
             paths = find_grid_files(spotdata_dir)
+            if not to_dir:
+                check_output(output, inputs=paths, option="-o")
         for w in caught:
             click.echo(f"Warning: {w.message}", err=True)
 
@@ -107,6 +111,7 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
                 raise InputError(f"no files for detector {detector}", path=spotdata_dir,
                                  expected="one of " + ", ".join(d or "(unnamed)" for d in groups))
             groups = {detector: groups[detector]}
+        explain_groups(groups, min_dithers, spotdata_dir)
         several = len(groups) > 1
         if several:
             names = list(groups)
@@ -116,12 +121,13 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
         cals = calibrate_detectors(groups, runner, flux_column=flux_column, stat=stat,
                                    min_dithers=min_dithers, sigma=sigma, progress=not quiet)
         how = runner.describe()
-    if to_dir:
-        output.mkdir(parents=True, exist_ok=True)
     written_all = []
-    for det, cal in cals.items():
-        written = write_calibration(cal, _output_for(output, det, several, to_dir), ecsv=ecsv)
-        written_all.append((det, cal, written))
+    with staged_outputs(inputs=paths):  # every catalogue of the run appears, or none
+        if to_dir:
+            make_output_dir(output, option="-o")
+        for det, cal in cals.items():
+            written = write_calibration(cal, _output_for(output, det, several, to_dir), ecsv=ecsv)
+            written_all.append((det, cal, written))
     if len(written_all) == 1:
         det, cal, written = written_all[0]
         _summary(det, cal, written, how)

@@ -102,14 +102,18 @@ def _read_points(path: Path, frame: str):
     """Points from a text file: ``[detector] [amp] x y`` per line (space or comma separated)."""
     from ..errors import InputError
 
-    if not path.exists():
-        raise InputError("no such file", path=path, expected="a text file of points")
+    from ..fileio import check_readable, reading
+
     want = {"ccd": "[detector] x y", "amp": "[detector] amp x y", "focal": "x y", "bot": "x y"}[frame]
+    check_readable(path, "a text file of points (--points)")
+    if path.is_dir():
+        raise InputError("is a directory", path=path, expected="a text file of points (--points)")
     dets, amps, xs, ys = [], [], [], []
     try:
-        lines = path.read_text().splitlines()
-    except UnicodeDecodeError:
-        raise InputError("not a text file", path=path, expected=f"lines of '{want}'") from None
+        with reading(path, "a text file of points (--points)"):
+            lines = path.read_text(encoding="utf-8").splitlines()
+    except InputError:
+        raise InputError("not a text file", path=path, expected=f"lines of '{want}' (--points)") from None
     first = True
     for lineno, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
@@ -126,6 +130,9 @@ def _read_points(path: Path, frame: str):
         if len(toks) < 2 or None in nums or len(lead) not in nlead:
             raise InputError(f"line {lineno}: cannot read {line!r}", path=path,
                              expected=f"'{want}' for --from {frame}")
+        if not all(math.isfinite(v) for v in nums):
+            raise InputError(f"line {lineno}: position {line!r} is not finite", path=path,
+                             expected="finite numbers (no nan or inf)")
         det = lead[0] if (frame == "ccd" and lead) or (frame == "amp" and len(lead) == 2) else None
         dets.append(det)
         amps.append(lead[-1] if frame == "amp" else None)
@@ -214,6 +221,12 @@ def coords(detector, ccd_pts, focal_pts, amp_pts, bot_pts, points_file, from_fra
     if not groups:
         raise click.UsageError("give a position: --ccd X Y, --focal X Y, --amp AMP X Y, --bot X Y "
                                "or --points FILE --from FRAME")
+    for frame, _, _, x, y in groups:
+        bad = ~(np.isfinite(x) & np.isfinite(y))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise click.BadParameter(f"position ({x[i]:g}, {y[i]:g}) is not finite; expected finite numbers "
+                                     "(no nan or inf)", param_hint=f"--{frame}")
     rows, inputs = [], []
     for frame, names, amps, x, y in groups:  # compute everything before printing anything
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ._common import csv_option, echo_summary
+from ._common import POSITIVE, csv_option, echo_summary
 from .calibrate import workers_options
 
 __all__ = ["correlate", "print_summary", "print_focal_plane_summary"]
@@ -17,9 +17,13 @@ def _sigma(value: str):
     if value == "moments":
         return value
     try:
-        return float(value)
+        width = float(value)
     except ValueError:
-        raise click.BadParameter("expected 'moments' or a width in pixels") from None
+        width = float("nan")
+    if not (np.isfinite(width) and width > 0):
+        raise click.BadParameter(f"{value!r}: expected 'moments' or a width in pixels (a finite number > 0)",
+                                 param_hint="'--sigma'")
+    return width
 
 
 def _is_many(calib: Path) -> bool:
@@ -53,7 +57,7 @@ def _is_many(calib: Path) -> bool:
               help="Flat normalisation (amp removes amplifier gain steps).")
 @click.option("--sigma", default="moments", show_default=True,
               help="Gaussian footprint: 'moments' (from each spot's second moments) or pixels.")
-@click.option("--radius", type=float, default=None, help="Use a top-hat footprint of this radius (pixels).")
+@click.option("--radius", type=POSITIVE, default=None, help="Use a top-hat footprint of this radius (pixels).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of all resampling (the same for every detector).")
 @click.option("--no-figures", is_flag=True, help="Skip the per-detector PNG figures.")
@@ -86,6 +90,9 @@ def correlate(calib: Path, spotdata_dir: Path | None, flat: Path | None, flat_di
                                  param_hint="--quantity")
     if (flat is None) == (flat_dir is None):
         raise click.UsageError("give either --flat FLAT (one detector) or --flat-dir FLATS/ (one flat per detector)")
+    from ..fileio import check_output_dir
+
+    check_output_dir(outdir, option="-o")  # a bad -o fails now, not after the work
     params = dict(quantities=quantities, nboot=nboot, nnull=nnull, block=block, patch_size=patch_size, seed=seed,
                   method=method, normalize=normalize, sigma=_sigma(sigma), radius=radius)
     many = _is_many(calib)
@@ -166,4 +173,7 @@ def print_summary(res, outdir: Path, files) -> None:
     rows.append(("residual d", f"rms {np.std(d):.3e}, mean {np.mean(d):+.2e}"))
     rows.append(("results", str(Path(outdir) / "results.ecsv")))
     rows.append(("figures", f"{sum(1 for f in files if str(f).endswith('.png'))} PNG files in {outdir}"))
+    if getattr(res, "removed_figures", None):
+        rows.append(("", "removed stale figures of an earlier run: "
+                         + ", ".join(p.name for p in res.removed_figures)))
     echo_summary(f"Spot-vs-flat correlation for {comp.detector or 'unnamed detector'}:", rows)
