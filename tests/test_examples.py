@@ -30,7 +30,7 @@ def assert_pngs(folder: Path, names) -> None:
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, path
 
 
-@pytest.mark.parametrize("name", ["simulated_walkthrough.py", "real_catalogue.py"])
+@pytest.mark.parametrize("name", ["simulated_walkthrough.py", "real_catalogue.py", "real_dithered_run.py"])
 def test_example_is_a_jupytext_notebook(name):
     jupytext = pytest.importorskip("jupytext")
     nb = jupytext.read(EXAMPLES / name)
@@ -73,3 +73,24 @@ def test_real_catalogue_absent_exits_cleanly(tmp_path):
     proc = run_example("real_catalogue.py", tmp_path, SPOTFLAT_REAL_DATA=str(tmp_path / "nowhere"))
     assert "The real catalogue is not here" in proc.stdout
     assert not (tmp_path / "real_catalogue_figures").exists()
+
+
+def test_real_dithered_run(tmp_path, real_dir):
+    run = real_dir / "mixcoatl" / "R22_S20_run12784"
+    if not run.is_dir():
+        pytest.skip(f"{run} is absent")
+    proc = run_example("real_dithered_run.py", tmp_path, SPOTFLAT_REAL_DATA=str(real_dir))
+    assert_pngs(tmp_path / "real_dithered_run_figures", ["qc.png", "t_of_spots.png"])
+    out = proc.stdout
+    assert "10 exposures, 2401 grid points, detector R22_S20" in out
+    scatter = float(re.search(r"median scatter of t over spots: ([.\d]+)%", out).group(1))
+    assert scatter < 1.0
+    assert "used=False, outlier" in out and "shift(-1 col, +0 row)" in out
+    assert "re-registered: used=True" in out
+    assert not list(tmp_path.glob("spotflat-dithered-*"))
+
+
+def test_real_dithered_run_absent_exits_cleanly(tmp_path):
+    proc = run_example("real_dithered_run.py", tmp_path, SPOTFLAT_REAL_DATA=str(tmp_path / "nowhere"))
+    assert "The real dithered run is not here" in proc.stdout
+    assert not (tmp_path / "real_dithered_run_figures").exists()

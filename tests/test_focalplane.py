@@ -31,11 +31,11 @@ def _tiny_fits(path, **cards):
 
 
 def test_calibrate_into_a_folder(calib_dir, tmp_path, run_cli):
-    assert sorted(p.name for p in calib_dir.iterdir()) == ["calib_R10_S02.fits", "calib_R22_S11.fits"]
+    assert sorted(p.name for p in calib_dir.glob("*.fits")) == ["calib_R10_S02.fits", "calib_R22_S11.fits"]
     # an existing folder without the trailing slash, and a single detector, go there too
     res = run_cli("calibrate", tmp_path / "tree" / "a", "-o", calib_dir, "-q", "-j", 1)
     assert res.exit_code == 0 and "Calibration of R22_S11" in res.output
-    assert sorted(p.name for p in calib_dir.iterdir()) == ["calib_R10_S02.fits", "calib_R22_S11.fits"]
+    assert sorted(p.name for p in calib_dir.glob("*.fits")) == ["calib_R10_S02.fits", "calib_R22_S11.fits"]
 
 
 def test_find_calibrations(calib_dir, tmp_path):

@@ -176,7 +176,7 @@ def _retype(col, fn):
     return edit
 
 
-@pytest.mark.parametrize("kind", ["string", "bool", "vector", "complex", "missing_flux", "missing_index",
+@pytest.mark.parametrize("kind", ["string", "bool", "vector", "complex", "missing_flux",
                                   "missing_x", "vector_index"])
 def test_columns(tmp_path, base, kind):
     flux = "base_SdssShape_instFlux"
@@ -186,11 +186,21 @@ def test_columns(tmp_path, base, kind):
         "vector": _retype(flux, lambda a: np.stack([a, a[::-1]], axis=1)),
         "complex": _retype(flux, lambda a: a.astype(complex)),
         "missing_flux": lambda t: t.remove_column(flux),
-        "missing_index": lambda t: t.remove_column("spotgrid_index"),
         "missing_x": lambda t: t.remove_column("base_SdssCentroid_x"),
         "vector_index": _retype("spotgrid_index", lambda a: np.stack([a, a], axis=1)),
     }
     _calibrate_case(tmp_path, base, lambda p: rewrite_table(p, edits[kind]))
+
+
+def test_table_without_grid_columns_is_skipped_by_name(tmp_path, base):
+    """A FITS table with neither ``spotgrid_index`` nor legacy columns is not a grid: skipped, named."""
+    out = _calibrate_case(tmp_path, base, lambda p: rewrite_table(p, lambda t: t.remove_column("spotgrid_index")),
+                          expect="ok")
+    damaged = sorted((tmp_path / "run").iterdir())[1]
+    assert f"{damaged}: neither a DM grid catalogue" in out.stderr and "skipped" in out.stderr, out.stderr
+    cal = spotflat.read_calibration(tmp_path / "out" / "calib.fits")
+    assert damaged.name not in {str(n) for n in cal.exposures["filename"]}
+    assert len(cal.exposures) == len(list((tmp_path / "run").iterdir())) - 1
 
 
 def test_integer_flux_column_is_read_right(tmp_path, base):

@@ -206,3 +206,128 @@ def test_exposure_paths_follow_the_working_directory(tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path / sub)
         g = spotflat.read_grids("spotdata")
         assert g.exposures["path"][0] == str((tmp_path / sub / "spotdata" / name(0)).resolve())
+
+
+# ---------------------------------------------------------------------------- point-level QC
+def _legacy_with_neighbour_matches(path, seed=0):
+    """A legacy grid as older grid tasks wrote it: grid points without a spot of their own
+    "matched" to the nearest source -- the neighbour one step away -- which is then
+    assigned to two grid points."""
+    grid = grid_params(9, 9)
+    rng = np.random.default_rng(seed)
+    flux = rng.uniform(8e4, 1.2e5, 81)
+    write_legacy(path, grid, flux, seed=seed)
+    with fits.open(path, mode="update") as hdul:
+        d = hdul[1].data
+        for a, b in ((40, 41), (10, 19)):  # a has no spot: gets b's source (next row / next column)
+            xb, yb = d["X"][b] + d["DX"][b], d["Y"][b] + d["DY"][b]
+            d["DX"][a], d["DY"][a] = xb - d["X"][a], yb - d["Y"][a]
+            d["DFLUX"][a], d["DXX"][a], d["DYY"][a] = d["DFLUX"][b], d["DXX"][b], d["DYY"][b]
+    return grid
+
+
+def test_legacy_far_matches_and_shared_sources(tmp_path):
+    p = tmp_path / name(0, fmt="legacy")
+    _legacy_with_neighbour_matches(p)
+    gf = read_grid_file(p)
+    # the shared source is dropped for both grid points
+    assert sorted(gf.ambiguous) == [10, 19, 40, 41]
+    assert np.all(np.isnan(gf.values["flux"][[10, 19, 40, 41]]))
+    assert np.isfinite(gf.values["flux"]).sum() == 77
+    grids = spotflat.read_grids([p])
+    counts = grids.flag_counts()
+    assert counts["ambiguous"][0] == 4
+    assert grids.flags[40, 0] & 2 and grids.flags[41, 0] & 2
+
+
+def test_far_match_rule_is_configurable(tmp_path):
+    """A match one step away (not shared) is unmatched by the far rule; a point 0.2 step
+    away is kept by the default (0.25) and unmatched with max_offset=0.1."""
+    grid = grid_params(9, 9)
+    flux = np.full(81, 1e5)
+    dx = np.random.default_rng(1).normal(0, 0.3, 81)
+    dy = np.zeros(81)
+    dx[5] = grid["XSTEP"] * 1.0   # neighbour's position, its flux
+    dx[7] = grid["XSTEP"] * 0.2   # a large but real offset
+    write_legacy(tmp_path / name(0, fmt="legacy"), grid, flux, dxy=(dx, dy))
+    g = spotflat.read_grids(tmp_path)
+    assert g.flags[5, 0] == 1 and np.isnan(g.flux[5, 0])
+    assert g.flags[7, 0] == 0 and np.isfinite(g.flux[7, 0])
+    assert g.meta["max_offset"] == 0.25
+    g = spotflat.read_grids(tmp_path, max_offset=0.1)
+    assert g.flags[7, 0] == 1
+    g = spotflat.read_grids(tmp_path, max_offset=None)
+    assert not g.flags.any()
+
+
+def test_far_matches_in_dm_catalogues(tmp_path):
+    grid = grid_params(9, 9)
+    flux = np.full(81, 1e5)
+    dx = np.random.default_rng(2).normal(0, 0.3, 81)
+    dx[12] = 64.0
+    write_dm(tmp_path / name(0), grid, flux, dxy=(dx, np.zeros(81)))
+    g = spotflat.read_grids(tmp_path)
+    assert g.flag_counts()["far"][0] == 1 and np.isnan(g.flux[12, 0])
+
+
+def test_far_flags_counted_in_catalogue(tmp_path, run_cli):
+    (tmp_path / "d").mkdir()
+    for j in range(4):
+        _legacy_with_neighbour_matches(tmp_path / "d" / name(j, fmt="legacy"), seed=j)
+    res = run_cli("calibrate", tmp_path / "d", "-o", tmp_path / "c.fits", "-q", "--no-qc-figure")
+    assert res.exit_code == 0, res.output
+    assert "16 sharing a source" in res.output
+    cal = spotflat.read_calibration(tmp_path / "c.fits")
+    assert cal.meta["NAMBIG"] == 16 and list(cal.exposures["nambiguous"]) == [4, 4, 4, 4]
+
+
+# ---------------------------------------------------------------------------- detectors, non-grid files
+def _unnamed_run(tmp_path, n=4):
+    paths, *_ = write_run(tmp_path / "d", nexp=n, ncols=6, nrows=6)
+    for p in paths:
+        p.rename(p.with_name(f"grid_{p.name[14:20]}.fits"))  # names without metadata
+    return tmp_path / "d"
+
+
+def test_detector_assigned_to_unnamed_files(tmp_path, run_cli):
+    d = _unnamed_run(tmp_path)
+    assert spotflat.read_grids(d).detector == ""
+    g = spotflat.read_grids(d, detector="R22_S20")
+    assert g.detector == "R22_S20" and set(g.exposures["detector"]) == {"R22_S20"}
+    assert set(g.exposures["raft"]) == {"R22"} and set(g.exposures["sensor"]) == {"S20"}
+    res = run_cli("calibrate", d, "-o", tmp_path / "c.fits", "-q", "--detector", "R22_S20", "--no-qc-figure")
+    assert res.exit_code == 0, res.output
+    assert "Calibration of R22_S20" in res.output
+    assert spotflat.read_calibration(tmp_path / "c.fits").detector == "R22_S20"
+
+
+def test_detector_conflict_refused(tmp_path, run_cli):
+    write_run(tmp_path / "d", nexp=3, ncols=6, nrows=6, det="R22_S11")
+    res = run_cli("calibrate", tmp_path / "d", "-o", tmp_path / "c.fits", "-q", "--detector", "R22_S20")
+    assert res.exit_code != 0 and "R22_S20" in res.output and "R22_S11" in res.output
+    assert not (tmp_path / "c.fits").exists()
+    # the library refuses the same way when files carrying R22_S11 are stacked as R22_S20
+    from spotflat.grids import read_grid_file, stack_grid_files
+
+    files = [read_grid_file(p) for p in sorted((tmp_path / "d").iterdir())]
+    with pytest.raises(InputError, match="R22_S11, not R22_S20"):
+        stack_grid_files(files, detector="R22_S20")
+
+
+def test_non_grid_fits_skipped_with_warning(tmp_path, run_cli):
+    d = _unnamed_run(tmp_path)
+    res = run_cli("calibrate", d, "-o", tmp_path / "c.fits", "-q", "--no-qc-figure")
+    assert res.exit_code == 0, res.output
+    import shutil
+
+    shutil.copy(tmp_path / "c.fits", d / "calib_old.fits")  # an earlier output in the folder
+    fits.PrimaryHDU(np.zeros((4, 4))).writeto(d / "image.fits")  # an image
+    with pytest.warns(UserWarning, match="calib_old.fits"), pytest.warns(UserWarning, match="image.fits"):
+        g = spotflat.read_grids(d)
+    assert g.nexp == 4 and sorted(map(str, g.meta["skipped"]))[0].endswith("calib_old.fits")
+    res = run_cli("calibrate", d, "-o", tmp_path / "c2.fits", "-q", "--no-qc-figure")
+    assert res.exit_code == 0, res.output
+    assert "calib_old.fits" in res.output and "image.fits" in res.output and "skipped" in res.output
+    # a grid file without its flux column stays an error
+    res = run_cli("calibrate", d, "-o", tmp_path / "c3.fits", "-q", "--flux-column", "nope_instFlux")
+    assert res.exit_code != 0 and "nope_instFlux" in res.output

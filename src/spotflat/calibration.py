@@ -108,9 +108,17 @@ def _quiet() -> Iterator[None]:
 
 
 def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
-                    maxiter: int = 50, tol: float = 1e-10
+                    maxiter: int = 50, tol: float = 1e-10, x: np.ndarray | None = None,
+                    y: np.ndarray | None = None, exclude: np.ndarray | None = None,
+                    segment: tuple[float, float] | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
     """Jointly estimate spot means ``F`` and exposure scales ``s``.
+
+    Points are rejected against their expectation, not only against their
+    spot's mean: a point far from ``F[k] s[j]`` is kept when the other points
+    that landed near the same pixels (given ``x``, ``y``) deviate the same way
+    -- real response structure such as an amplifier seam or an edge, which
+    the spot-vs-flat comparison is there to measure.
 
     Parameters
     ----------
@@ -126,6 +134,17 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
         Maximum number of alternations.
     tol : float
         Stop when ``F`` and ``s`` change by less than this (relative).
+    x, y : numpy.ndarray, optional
+        CCD positions of the points, shape of ``flux``: turns on the local
+        expectation (see above). Without them a point is judged against
+        ``F[k] s[j]`` alone.
+    exclude : numpy.ndarray of bool, optional
+        Exposures left out of ``F`` and ``s`` (bad exposures found by the
+        quality control). Their ``s[j]`` is then fitted against ``F`` alone
+        (a robust mean of ``f/F``) and none of their points is ``used``.
+    segment : (float, float), optional
+        Amplifier size (``nx``, ``ny`` pixels): neighbourhoods for the local
+        expectation never straddle an amplifier seam.
 
     Returns
     -------
@@ -160,9 +179,31 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     finite &= f > 0
     if not finite.any():
         raise InputError("all fluxes are NaN or non-positive", expected="some measured spots")
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != (f.shape[1],):
+            raise InputError(f"exclude has shape {exclude.shape}, expected ({f.shape[1]},)")
+        if exclude.any():
+            if exclude.all():
+                raise InputError("every exposure is excluded", expected="at least one good exposure")
+            keep = ~exclude
+            sub = lambda a: None if a is None else np.asarray(a)[:, keep]  # noqa: E731
+            F, s_in, used_in, it, ok = estimate_scales(f[:, keep], stat, sigma, maxiter, tol,
+                                                       sub(x), sub(y), None, segment)
+            s = np.full(f.shape[1], np.nan)
+            s[keep] = s_in
+            s[exclude] = _fit_scales(f[:, exclude], F, sigma)
+            used = np.zeros(f.shape, dtype=bool)
+            used[:, keep] = used_in
+            return F, s, used, it, ok
     if stat == "median":
-        return _median_scales(f, finite, maxiter, tol)
+        F, s, used, it, ok = _median_scales(f, finite, maxiter, tol)
+        return F, _finite_scales(f, F, s, sigma), used, it, ok
     clipped = stat == "clipped"
+    local = None
+    if clipped and x is not None and y is not None:
+        local = _Neighbourhoods(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
+                                finite, segment)
     nspot, nexp = f.shape
     # the work goes by blocks of spots: each block's temporaries stay in cache and
     # no [spot, exposure]-sized array is made (fresh memory costs more than the sums)
@@ -173,6 +214,7 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     s = np.ones(nexp)
     F = np.full(nspot, np.nan)
     converged = False
+    local_on = local is not None
     it = 0
     for it in range(1, maxiter + 1):
         F_new = np.empty(nspot)
@@ -189,8 +231,12 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
         if clipped:
             with np.errstate(invalid="ignore", divide="ignore"):
                 invF, invs = 1.0 / F_new, 1.0 / s_new
+                scale = np.empty(nspot)
                 for b in blocks:
-                    new_used[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma, robust=it == 1)
+                    new_used[b], scale[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma,
+                                                  robust=it == 1)
+                if local_on:
+                    local.rescue(f, finite, new_used, invF, invs, scale, sigma)
         F, s = F_new, s_new
         changed = clipped and not np.array_equal(new_used, used)
         if changed:
@@ -201,7 +247,158 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
         if not changed and change < tol and it > 1:
             converged = True
             break
-    return F, s, used, it, converged
+    return F, _finite_scales(f, F, s, sigma), used, it, converged
+
+
+def _fit_scales(f: np.ndarray, F: np.ndarray, sigma: float) -> np.ndarray:
+    """``s[j]`` of each column of ``f`` against fixed ``F``: a clipped mean of ``f/F``.
+
+    Starts from the median and rejects against it with a MAD scale, so that
+    an exposure partly (even mostly) wrong still gets a finite scale from its
+    largest consistent part.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+        r = f / F[:, None]
+        r[~(np.isfinite(r) & (r > 0))] = np.nan
+        med = _nanmedian(r, 0)
+        for _ in range(3):
+            dev = np.abs(r / med[None, :] - 1.0)
+            mad = 1.4826 * _nanmedian(dev, 0)
+            ok = dev <= sigma * np.maximum(mad, 1e-12)[None, :]
+            med = np.nansum(np.where(ok, r, 0.0), 0) / np.count_nonzero(ok, 0)
+    return med
+
+
+def _finite_scales(f: np.ndarray, F: np.ndarray, s: np.ndarray, sigma: float) -> np.ndarray:
+    """Give every exposure with measured spots a finite ``s`` (one whose points were all
+    rejected gets its robust scale against ``F``), never a NaN."""
+    bad = ~np.isfinite(s)
+    if bad.any():
+        s = s.copy()
+        s[bad] = _fit_scales(f[:, bad], F, sigma)
+    return s
+
+
+class _Neighbourhoods:
+    """Cells of CCD pixels, for the local expectation of a point's throughput.
+
+    The cell size adapts to the density of points (about 16 per cell, between
+    8 and 64 pixels); cells are aligned with the amplifier segments when their
+    size is known, so none straddles a seam. A point whose cell holds fewer
+    than :attr:`MIN_POINTS` is judged in the cell twice (then four times) as
+    large, still inside its segment.
+    """
+
+    MIN_POINTS = 5
+    PER_CELL = 16.0
+    LEVELS = 3
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, finite: np.ndarray,
+                 segment: tuple[float, float] | None) -> None:
+        self.ok = finite & np.isfinite(x) & np.isfinite(y)
+        self.x, self.y = x, y
+        self.segment = segment
+        self._cells: dict = {}
+        self._model: dict = {}
+        self._cell = None
+
+    def cells(self, level: int) -> tuple[np.ndarray, int]:
+        if level not in self._cells:
+            ok = self.ok
+            if self._cell is None:
+                with np.errstate(invalid="ignore"):
+                    xs = np.where(ok, self.x, 0.0) + 0.5  # pixel edges at integers
+                    ys = np.where(ok, self.y, 0.0) + 0.5
+                npts = max(int(np.count_nonzero(ok)), 1)
+                area = max(float(np.ptp(xs[ok])) * float(np.ptp(ys[ok])), 1.0) if ok.any() else 1.0
+                self._cell = float(np.clip(np.sqrt(self.PER_CELL * area / npts), 8.0, 64.0))
+                # segment index and position inside it, once for every level
+                sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
+                ix = np.floor(xs / sx) if np.isfinite(sx) else np.zeros_like(xs)
+                iy = np.floor(ys / sy) if np.isfinite(sy) else np.zeros_like(ys)
+                self._seg = (ix, xs - ix * sx if np.isfinite(sx) else xs,
+                             iy, ys - iy * sy if np.isfinite(sy) else ys)
+            ix, ux, iy, uy = self._seg
+            cell = self._cell * 2 ** level
+            if self.segment is not None:
+                sx, sy = self.segment
+                cx = ix * np.ceil(sx / cell) + np.floor(ux / cell)
+                cy = iy * np.ceil(sy / cell) + np.floor(uy / cell)
+            else:
+                cx, cy = np.floor(ux / cell), np.floor(uy / cell)
+            if ok.any():
+                cx -= cx[ok].min()
+                cy -= cy[ok].min()
+            ny = int(cy[ok].max()) + 1 if ok.any() else 1
+            cid = (cx * ny + cy).astype(np.int64)
+            cid[~ok] = -1
+            self._cells[level] = (cid, int(cid.max()) + 2)
+        return self._cells[level]
+
+    def rescue(self, f, finite, used, invF, invs, scale, sigma) -> None:
+        """Put back (in ``used``) the rejected points that agree with their neighbourhood.
+
+        ``t`` is relative to each spot's own mean, i.e. to the response
+        averaged over where that spot's dithers fell, which differs from spot
+        to spot near a seam. So the expectation is a small model fitted to the
+        points in use, ``log t[k, j] = r[cell] - a[k]`` (cell response, spot
+        offset; a few alternating means), and a rejected point comes back when
+        it is within ``sigma`` of its spot's scale of that expectation.
+        """
+        cand = finite & ~used & self.ok
+        if not cand.any():
+            return
+        ks, js = np.nonzero(cand)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lt_c = np.log(f[ks, js] * invF[ks] * invs[js])
+        for level in range(self.LEVELS):
+            if ks.size == 0:
+                return
+            cid, _ = self.cells(level)
+            r, a, nc = self._fit_model(level, f, used, invF, invs)
+            c = cid[ks, js]
+            enough = nc[c] >= self.MIN_POINTS
+            with np.errstate(invalid="ignore"):
+                agree = np.abs(lt_c - (r[c] - a[ks])) <= sigma * np.maximum(scale[ks], 1e-12)
+            back = enough & agree
+            if back.any():
+                used[ks[back], js[back]] = True
+            rest = ~enough
+            ks, js, lt_c = ks[rest], js[rest], lt_c[rest]
+
+    def _fit_model(self, level: int, f, used, invF, invs):
+        """``(r, a, count)`` of the cell-response model at ``level``, fitted once.
+
+        It is fitted once, to the points in use after the first (robust)
+        rejection pass, and kept: later passes change the set of points in use
+        by a few rejected points only (refitting it changes no verdict in the
+        seam Monte Carlo, and costs iterations).
+        """
+        if level in self._model:
+            return self._model[level]
+        nspot = f.shape[0]
+        cid, ncell = self.cells(level)
+        # compressed to 1-D (one memory order for all, whatever each array's)
+        order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lt = np.log(f * invF[:, None] * invs[None, :])
+        good = used & self.ok
+        good &= np.isfinite(lt)
+        sel = np.flatnonzero(good.ravel(order=order))
+        gk = np.unravel_index(sel, f.shape, order=order)[0]
+        gl = lt.ravel(order=order)[sel]
+        gc = cid.ravel(order=order)[sel]
+        nk = np.bincount(gk, minlength=nspot).astype(np.float64)
+        nc = np.bincount(gc, minlength=ncell).astype(np.float64)
+        r = np.zeros(ncell)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for _ in range(3):
+                a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
+                a[nk == 0] = 0.0
+                r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
+        r[~np.isfinite(r)] = 0.0
+        self._model[level] = (r, a, nc)
+        return self._model[level]
 
 
 def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):
@@ -237,7 +434,7 @@ def _keep(f: np.ndarray, finite: np.ndarray, used: np.ndarray, invF: np.ndarray,
         mean = r0.sum(axis=1, keepdims=True) / n
         r0 *= resid
         scale = np.sqrt(np.maximum(r0.sum(axis=1, keepdims=True) / n - mean ** 2, 0.0) * n / (n - 1))
-    return finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12))
+    return finite & ~(np.abs(resid) > sigma * np.maximum(scale, 1e-12)), scale[:, 0]
 
 
 def _median_scales(f: np.ndarray, finite: np.ndarray, maxiter: int, tol: float):
@@ -282,12 +479,16 @@ class Calibration:
         (measured, positive and not clipped). Stored in the FITS catalogue
         (HDU ``USED``); None for a catalogue read from ECSV or written by an
         earlier spotflat.
+    qc : astropy.table.Table or None
+        Per-exposure quality-control metrics (:func:`spotflat.qc.run_qc`);
+        written as ``qc.ecsv`` beside the catalogue by ``spotflat calibrate``.
     """
 
     spots: Table
     exposures: Table
     meta: dict = field(default_factory=dict)
     used: np.ndarray | None = None
+    qc: Table | None = None
 
     @property
     def detector(self) -> str:
@@ -362,8 +563,24 @@ def check_matches(calib: Calibration, grids: SpotGrids) -> None:
         raise InputError(f"calibration is for {det}, spot data for {grids.detector}")
 
 
+def _segment(detector: str) -> tuple[float, float] | None:
+    """Amplifier size (nx, ny) of a known detector, for the point rejection's neighbourhoods."""
+    if not detector:
+        return None
+    try:
+        from .geometry import get_camera
+
+        d = get_camera().detector(detector)
+        nrow, ncol = d.type.amp_grid.shape
+        ny, nx = d.shape
+        return nx / ncol, ny / nrow
+    except Exception:  # unknown name: no seams to align to
+        return None
+
+
 def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int = 3,
-                      sigma: float = 4.0, maxiter: int = 50, tol: float = 1e-10) -> Calibration:
+                      sigma: float = 4.0, maxiter: int = 50, tol: float = 1e-10,
+                      qc=True) -> Calibration:
     """Build the calibration catalogue from stacked processed-grid data.
 
     Parameters
@@ -378,6 +595,11 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         NaN ``flux``: their mean is too poorly known to compare with the flat.
     sigma, maxiter, tol
         Passed to :func:`estimate_scales`.
+    qc : bool or spotflat.qc.QCOptions
+        Exposure-level quality control (:func:`spotflat.qc.run_qc`, on by
+        default): outlier exposures are left out of ``F`` and ``s`` and kept
+        in the EXPOSURES table with ``used = False`` and a ``reason``.
+        ``False`` fits every exposure (the point-level rejection stays).
 
     Returns
     -------
@@ -402,7 +624,19 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
                          path=grids.exposures["path"][0] if grids.nexp == 1 else None,
                          expected="more dithers, or min_dithers=1 (--min-dithers 1) for a single exposure")
     f = grids.flux
-    F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol)
+    segment = _segment(grids.detector)
+    qc_result = None
+    if qc is False or qc is None:
+        F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol,
+                                                       x=grids.x, y=grids.y, segment=segment)
+    else:
+        from .qc import QCOptions, run_qc
+
+        opts = qc if isinstance(qc, QCOptions) else QCOptions()
+        qc_result = run_qc(grids, stat=stat, sigma=sigma, options=opts, segment=segment,
+                           maxiter=maxiter, tol=tol)
+        F, s, used, niter, converged = qc_result.fit
+        f = grids.flux  # re-registration relabels in place
     # every per-point quantity below goes through one work array (see _masked)
     buf = np.empty_like(f)
     measured = np.isfinite(f) & np.isfinite(s)[None, :]
@@ -470,6 +704,21 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     spots["flux"].description = f"F[k], {stat} of f/s over dithers"
 
     exposures = grids.exposures.copy()
+    counts = grids.flag_counts()
+    exposures["nfar"] = counts["far"].astype(np.int64)
+    exposures["nambiguous"] = counts["ambiguous"].astype(np.int64)
+    excluded = ~used.any(axis=0) & measured.any(axis=0)  # left out by the exposure QC
+    exposures["nclipped"] = np.where(excluded, 0, np.count_nonzero(measured & ~used, axis=0)).astype(np.int64)
+    if qc_result is not None:
+        q = qc_result.table
+        exposures["used"] = np.asarray(q["used"], dtype=bool)
+        exposures["reason"] = np.asarray([r or "-" for r in q["reason"]], dtype=str)
+        for c in ("t_scatter", "pattern_r", "rejected_fraction", "x_centre", "y_centre",
+                  "registration", "bf_flag"):
+            exposures[c] = q[c]
+    else:
+        exposures["used"] = np.ones(len(exposures), dtype=bool)
+        exposures["reason"] = np.full(len(exposures), "-", dtype=str)
     good = used & valid[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         nused = np.count_nonzero(good, axis=0)
@@ -518,8 +767,19 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         "CONVERGD": bool(converged),
         "INPUTDIR": common,
         "SERRMETH": "measured" if measured_err else "scatter",
+        "MAXOFFS": float(grids.meta.get("max_offset", 0.0)) if np.isfinite(grids.meta.get("max_offset", 0.0)) else 0.0,
+        "NFAR": int(exposures["nfar"].sum()),
+        "NAMBIG": int(exposures["nambiguous"].sum()),
+        "NCLIPPED": int(exposures["nclipped"].sum()),
+        "NEXCL": int(np.count_nonzero(~np.asarray(exposures["used"]))),
+        "QC": qc_result is not None,
     }
-    return Calibration(spots=spots, exposures=exposures, meta=meta, used=used)
+    if qc_result is not None:
+        meta["NREGIST"] = len(qc_result.registered)
+        if qc_result.spot_bf is not None:
+            spots["bf_flag"] = qc_result.spot_bf
+    return Calibration(spots=spots, exposures=exposures, meta=meta, used=used,
+                       qc=None if qc_result is None else qc_result.table)
 
 
 def _hdu(table: Table, name: str) -> fits.BinTableHDU:

@@ -64,8 +64,10 @@ def _read_chunk(job: tuple[list[str], str | None]) -> tuple[list[tuple], np.ndar
     """Task: read a chunk of grid files; return their metadata and one stacked block."""
     from .grids import QUANTITIES, read_grid_file
 
+    from .grids import read_grid_files
+
     paths, flux_column = job
-    files = [read_grid_file(p, flux_column) for p in paths]
+    files = list(read_grid_files(paths, flux_column))
     metas = [(str(f.path), f.format, f.grid, f.meta, f.flux_column) for f in files]
     if len({f.nspot for f in files}) == 1:
         block = np.empty((len(QUANTITIES), len(files), files[0].nspot))
@@ -89,7 +91,7 @@ def _files_from_chunks(chunks: Sequence[tuple]):
 
 def read_grids_chunked(paths: Sequence[str | os.PathLike], runner: Runner, flux_column: str | None = None,
                        detector: str | None = None, progress: bool = False, min_chunk: int = 32,
-                       max_chunk: int = 256):
+                       max_chunk: int = 256, **stack_options):
     """Read grid files on the runner's workers, by contiguous chunks; stack them here.
 
     Parameters
@@ -117,7 +119,7 @@ def read_grids_chunked(paths: Sequence[str | os.PathLike], runner: Runner, flux_
     n = nchunks_for(len(paths), runner.nworkers, min_chunk=min_chunk, max_chunk=max_chunk)
     jobs = [(c, flux_column) for c in chunked(paths, n)]
     chunks = runner.map(_read_chunk, jobs, label=f"Reading {detector or 'grid files'}", progress=progress)
-    return stack_grid_files(_files_from_chunks(chunks), detector=detector, count=len(paths))
+    return stack_grid_files(_files_from_chunks(chunks), detector=detector, count=len(paths), **stack_options)
 
 
 def _calibrate_one(job: tuple) -> Any:
@@ -125,16 +127,25 @@ def _calibrate_one(job: tuple) -> Any:
     from .calibration import build_calibration
     from .grids import read_grid_file, stack_grid_files
 
-    det, paths, flux_column, stat, min_dithers, sigma = job
-    grids = stack_grid_files((read_grid_file(p, flux_column) for p in paths), detector=det or None,
-                             count=len(paths))
-    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma)
+    from .grids import read_grid_files
+
+    det, paths, flux_column, stat, min_dithers, sigma, *rest = job
+    qc = rest[0] if rest else True  # (the QC options were added last)
+    grids = stack_grid_files(read_grid_files(paths, flux_column), detector=det or None,
+                             count=len(paths), **_offset(qc))
+    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
+
+
+def _offset(qc) -> dict:
+    """The far-match option of the stacking, carried with the QC options."""
+    off = getattr(qc, "max_offset", "default")
+    return {} if off == "default" else {"max_offset": off}
 
 
 def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: Runner | None = None, *,
                         flux_column: str | None = None, stat: str = "clipped", min_dithers: int = 3,
                         sigma: float = 4.0, progress: bool = False, min_chunk: int = 32,
-                        split_files: bool | None = None) -> dict:
+                        split_files: bool | None = None, qc=True) -> dict:
     """Build one calibration catalogue per detector, on the runner's workers.
 
     Several detectors: one task per detector (reads its files streaming and
@@ -164,6 +175,9 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
         Force (``True``) or forbid (``False``) splitting each detector's files
         into chunks; default: on a Dask cluster with fewer detectors than
         workers.
+    qc : bool or spotflat.qc.QCOptions
+        Quality control, as for :func:`spotflat.calibration.build_calibration`
+        (a ``max_offset`` attribute also sets the far-match rule of the reader).
 
     Returns
     -------
@@ -183,7 +197,7 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
     runner = runner or Runner(workers=1)
     try:
         dets = list(groups)
-        opts = (flux_column, stat, min_dithers, sigma)
+        opts = (flux_column, stat, min_dithers, sigma, qc)
         if runner.kind == "serial":
             with single_thread_blas():  # as the workers do: same numbers bit for bit
                 return {det: _calibrate_serial(det, groups[det], opts, progress) for det in dets}
@@ -199,9 +213,9 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
         out = {}
         for det in dets:  # few detectors for many workers: split each one's files
             grids = read_grids_chunked(groups[det], runner, flux_column, detector=det or None,
-                                       progress=progress, min_chunk=min_chunk)
+                                       progress=progress, min_chunk=min_chunk, **_offset(qc))
             with single_thread_blas():
-                out[det] = build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma)
+                out[det] = build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
             del grids
         return out
     finally:
@@ -214,11 +228,13 @@ def _calibrate_serial(det: str, paths, opts, progress: bool):
     from .progress import progress_iter as bar_over
     from .grids import read_grid_file, stack_grid_files
 
-    flux_column, stat, min_dithers, sigma = opts
+    from .grids import read_grid_files
+
+    flux_column, stat, min_dithers, sigma, qc = opts
     with bar_over(paths, f"Reading {det or 'grid files'}", quiet=not progress) as bar:
-        grids = stack_grid_files((read_grid_file(p, flux_column) for p in bar), detector=det or None,
-                                 count=len(paths))
-    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma)
+        grids = stack_grid_files(read_grid_files(bar, flux_column), detector=det or None,
+                                 count=len(paths), **_offset(qc))
+    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
 
 
 # ---------------------------------------------------------------------------- finding inputs

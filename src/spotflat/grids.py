@@ -31,7 +31,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from astropy.io import fits
@@ -51,7 +51,12 @@ __all__ = [
     "parse_filename",
     "find_grid_files",
     "read_grid_file",
+    "read_grid_files",
     "read_grids",
+    "NotAGridFile",
+    "POINT_FLAGS",
+    "DEFAULT_MAX_OFFSET",
+    "flag_points",
     "group_by_detector",
 ]
 
@@ -60,6 +65,16 @@ GRID_KEYS = ("X0", "Y0", "XSTEP", "YSTEP", "THETA", "NCOLS", "NROWS")
 
 #: Per-spot quantities stacked into ``[spot, exposure]`` arrays.
 QUANTITIES = ("flux", "flux_err", "x", "y", "dx", "dy", "xx", "yy", "xy")
+
+#: Per-point flag bits of :attr:`SpotGrids.flags` (the calibration adds its own).
+POINT_FLAGS = {"far": 1, "ambiguous": 2}
+
+#: Default largest offset of a matched spot from its grid point, in grid steps.
+#: Real centroids sit within ~0.5 px of the fitted (distorted) grid, ~1 % of a
+#: step; a point "matched" to a neighbouring spot is one step (64-67 px) away.
+#: A quarter step is far beyond any real centroid error or residual distortion
+#: and far inside the half-step where the nearest spot becomes another grid point.
+DEFAULT_MAX_OFFSET = 0.25
 
 DM_DEFAULT_FLUX = "base_SdssShape_instFlux"
 LEGACY_DEFAULT_FLUX = "FLUX+DFLUX"
@@ -246,6 +261,10 @@ def find_grid_files(directory: str | os.PathLike, recursive: bool = True) -> lis
     return found
 
 
+class NotAGridFile(InputError):
+    """A FITS file that is not a processed grid (e.g. an earlier output catalogue)."""
+
+
 @dataclass
 class GridFile:
     """One processed-grid file: per-spot arrays of length ``ncols * nrows``.
@@ -275,6 +294,11 @@ class GridFile:
     @property
     def nspot(self) -> int:
         return int(self.grid["NCOLS"]) * int(self.grid["NROWS"])
+
+    @property
+    def ambiguous(self) -> np.ndarray:
+        """Spot indices dropped because one source was assigned to several grid points."""
+        return np.asarray(self.meta.get("ambiguous", ()), dtype=np.int64)
 
 
 #: Largest grid accepted (the projector's is 49 x 49): a damaged header asking
@@ -462,11 +486,30 @@ def _read_legacy(path: Path, src: _Source, flux_column: str | None) -> GridFile:
     }
     # a spot with no flux is unmatched, whatever its base columns say
     missing = ~np.isfinite(flux)
+    # one source assigned to several grid points (older grid tasks match every
+    # grid point to its nearest source): the same centroid on several rows
+    ambiguous = _shared_sources(values["x"], values["y"], ~missing)
+    missing[ambiguous] = True
     for v in values.values():
         v[missing] = np.nan
     _sane_moments(values)
     meta = _header_meta(path, src.headers)
+    if ambiguous.size:
+        meta["ambiguous"] = ambiguous
     return GridFile(path, "legacy", grid, values, meta, flux_column)
+
+
+def _shared_sources(x: np.ndarray, y: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Indices of the rows whose (x, y) centroid equals that of another row."""
+    rows = np.flatnonzero(ok & np.isfinite(x) & np.isfinite(y))
+    if rows.size < 2:
+        return np.empty(0, dtype=np.int64)
+    order = rows[np.lexsort((y[rows], x[rows]))]
+    same = (x[order[1:]] == x[order[:-1]]) & (y[order[1:]] == y[order[:-1]])
+    dup = np.zeros(order.size, dtype=bool)
+    dup[1:] |= same
+    dup[:-1] |= same
+    return np.sort(order[dup])
 
 
 def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> GridFile:
@@ -507,11 +550,13 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
 
 
 def _dispatch(path: Path, src: _Source, flux_column: str | None) -> GridFile:
-    if "spotgrid_index" in src.names:
+    # a DM grid catalogue (spot indices and LSST base_ measurements): a missing
+    # column is then an error, not a reason to skip the file
+    if "spotgrid_index" in src.names and any(n.startswith("base_") for n in src.names):
         return _read_dm(path, src, flux_column)
     if "DFLUX" in src.names or ("X" in src.names and "DX" in src.names):
         return _read_legacy(path, src, flux_column)
-    raise InputError("neither a DM grid catalogue nor a legacy processed grid", path=path,
+    raise NotAGridFile("neither a DM grid catalogue nor a legacy processed grid", path=path,
                      expected="a 'spotgrid_index' column or X/DX/FLUX/DFLUX columns")
 
 
@@ -542,7 +587,7 @@ def _read_fast(path: Path, flux_column: str | None) -> GridFile:
 def _read_astropy(path: Path, hdul, flux_column: str | None) -> GridFile:
     hdul.verify("silentfix")
     if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
-        raise InputError("no binary table in HDU 1", path=path,
+        raise NotAGridFile("no binary table in HDU 1", path=path,
                          expected="a processed-grid table (DM or legacy)")
     data = hdul[1].data
     src = _Source(names=list(hdul[1].columns.names), headers=[hdul[0].header, hdul[1].header],
@@ -570,6 +615,14 @@ class SpotGrids:
         Column the fluxes came from.
     detector : str
         Detector name (``R22_S11``); ``""`` when the files do not say.
+    meta : dict
+        ``max_offset`` (grid steps) of the far-match rule, ``skipped``
+        (files that were not processed grids).
+    flags : numpy.ndarray of uint8
+        ``[spot, exposure]`` bits of :data:`POINT_FLAGS`: ``far`` (centroid
+        farther than ``max_offset`` grid steps from its grid point) and
+        ``ambiguous`` (one source assigned to several grid points). Flagged
+        points are unmatched: their values are NaN.
     """
 
     flux: np.ndarray
@@ -585,6 +638,15 @@ class SpotGrids:
     flux_column: str
     detector: str = ""
     meta: dict = field(default_factory=dict)
+    flags: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.flags is None:
+            self.flags = np.zeros(self.flux.shape, dtype=np.uint8)
+
+    def flag_counts(self) -> dict[str, np.ndarray]:
+        """Per-exposure number of points flagged for each reason of :data:`POINT_FLAGS`."""
+        return {name: np.count_nonzero(self.flags & bit, axis=0) for name, bit in POINT_FLAGS.items()}
 
     @property
     def nspot(self) -> int:
@@ -676,17 +738,27 @@ def group_by_detector(paths: Iterable[str | os.PathLike]) -> dict[str, list[Path
     for p in map(Path, paths):
         meta = parse_filename(p)
         if meta is None:
-            try:
-                with fits.open(p) as hdul:
-                    meta = _header_meta(p, [h.header for h in hdul[:2]])
-            except (OSError, ValueError):
-                meta = {}
+            meta = _meta_from_headers(p)
         groups.setdefault(meta.get("detector", ""), []).append(p)
     return dict(sorted(groups.items()))
 
 
+def _meta_from_headers(p: Path) -> dict:
+    """:func:`_header_meta` of a file whose name says nothing (fast reader first)."""
+    try:
+        ff = FitsFile(p)
+        return _header_meta(p, ff.headers[:2])
+    except (Unsupported, OSError, ValueError, KeyError):
+        pass
+    try:
+        with fits.open(p) as hdul:
+            return _header_meta(p, [h.header for h in hdul[:2]])
+    except (OSError, ValueError):
+        return {}
+
+
 def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
-                     count: int | None = None) -> SpotGrids:
+                     count: int | None = None, max_offset: float | None = DEFAULT_MAX_OFFSET) -> SpotGrids:
     """Stack :class:`GridFile` objects into a :class:`SpotGrids`, streaming.
 
     Each file's values are copied into the stacked arrays as it arrives, so
@@ -698,9 +770,13 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
     ----------
     files : iterable of GridFile
     detector : str, optional
-        The detector the files must belong to.
+        The detector the files must belong to. Files that name no detector
+        are assigned this one; files that name another are refused.
     count : int, optional
-        Number of files, when ``files`` is a generator (avoids a list).
+        Number of files, when ``files`` is a generator (avoids a list); a
+        generator may yield fewer (files skipped as not processed grids).
+    max_offset : float or None
+        Far-match rule (see :func:`flag_points`); None switches it off.
 
     Raises
     ------
@@ -713,7 +789,7 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
     if count == 0:
         raise InputError("no processed-grid files to stack")
     big = None
-    rows, ref, folders = [], None, {}
+    rows, ref, folders, ambiguous = [], None, {}, []
     for j, f in enumerate(files):
         if ref is None:
             ref = f
@@ -727,11 +803,22 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
         for iq, q in enumerate(QUANTITIES):
             big[iq, j] = f.values[q]
         rows.append(_exposure_row(f, folders))
+        ambiguous.append(f.ambiguous)
+    if not rows:
+        raise InputError("no processed-grid files to stack")
+    if len(rows) < count:
+        big = big[:, : len(rows)]
     dets = sorted({r["detector"] for r in rows} - {""})
     if detector:
         if dets and dets != [detector]:
-            raise InputError(f"files are from {', '.join(dets)}, not {detector}")
+            other = [r["filename"] for r in rows if r["detector"] not in ("", detector)]
+            raise InputError(f"files are from {', '.join(d for d in dets if d != detector)}, not {detector} "
+                             f"(e.g. {other[0]})", expected=f"only files of {detector}, or files naming no detector")
         dets = [detector]
+        for r in rows:  # files that carry no detector get the one the user gave
+            if not r["detector"]:
+                r["detector"] = detector
+                r["raft"], r["sensor"] = (detector.split("_", 1) + [""])[:2]
     if len(dets) > 1:
         raise InputError(f"files from {len(dets)} detectors ({', '.join(dets)}); "
                          "choose one with detector=... (or --detector)")
@@ -739,17 +826,92 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
     if order != list(range(len(rows))):
         big = big[:, order, :]
         rows = [rows[j] for j in order]
+        ambiguous = [ambiguous[j] for j in order]
     values = {q: big[iq].T for iq, q in enumerate(QUANTITIES)}
     exposures = Table({name: np.array([r[name] for r in rows], dtype=dtype)
                        for name, dtype in _EXPOSURE_COLUMNS})
     for name, unit in _EXPOSURE_UNITS.items():
         exposures[name].unit = unit
-    return SpotGrids(**values, exposures=exposures, flux_column=ref.flux_column,
-                     detector=dets[0] if dets else "")
+    flags = np.zeros(values["flux"].shape, dtype=np.uint8)
+    for j, k in enumerate(ambiguous):
+        flags[k, j] |= POINT_FLAGS["ambiguous"]
+    grids = SpotGrids(**values, exposures=exposures, flux_column=ref.flux_column,
+                      detector=dets[0] if dets else "", flags=flags)
+    flag_points(grids, max_offset)
+    return grids
+
+
+def flag_points(grids: SpotGrids, max_offset: float | None = DEFAULT_MAX_OFFSET) -> SpotGrids:
+    """Unmatch the grid points whose centroid is far from their grid position (in place).
+
+    A point whose measured centroid lies more than ``max_offset`` grid steps
+    from its grid point was "matched" to something else -- typically the
+    neighbouring spot one step away, when a grid point has no spot of its
+    own. Its values become NaN and its ``far`` bit is set in
+    :attr:`SpotGrids.flags`.
+
+    Parameters
+    ----------
+    grids : SpotGrids
+    max_offset : float or None
+        Fraction of the grid step (the smaller of ``xstep``, ``ystep`` of each
+        exposure); None (or inf) flags nothing.
+
+    Returns
+    -------
+    SpotGrids
+        ``grids`` itself.
+    """
+    grids.meta["max_offset"] = np.inf if max_offset is None else float(max_offset)
+    if max_offset is None or not np.isfinite(max_offset):
+        return grids
+    if max_offset <= 0:
+        raise InputError(f"max_offset must be positive, got {max_offset}",
+                         expected="a fraction of the grid step, e.g. 0.25")
+    step = np.minimum(np.asarray(grids.exposures["xstep"], float), np.asarray(grids.exposures["ystep"], float))
+    with np.errstate(invalid="ignore"):
+        far = np.hypot(grids.dx, grids.dy) > (max_offset * step)[None, :]
+    if far.any():
+        grids.flags[far] |= POINT_FLAGS["far"]
+        for q in QUANTITIES:
+            getattr(grids, q)[far] = np.nan
+    return grids
+
+
+def read_grid_files(paths: Iterable[str | os.PathLike], flux_column: str | None = None,
+                    skipped: list | None = None) -> Iterator[GridFile]:
+    """Read processed-grid files one by one, skipping FITS files that are not grids.
+
+    A file that is not a processed grid (no ``spotgrid_index`` column and no
+    legacy ``X/DX/FLUX/DFLUX`` table, e.g. an earlier output catalogue left in
+    the folder) is skipped with a :class:`UserWarning` naming it. Every other
+    problem -- a grid file without its flux column, a damaged file -- stays an
+    :class:`InputError`.
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+    flux_column : str, optional
+    skipped : list, optional
+        The skipped paths are appended to it.
+
+    Yields
+    ------
+    GridFile
+    """
+    for p in paths:
+        try:
+            gf = read_grid_file(p, flux_column)
+        except NotAGridFile as exc:
+            warnings.warn(f"{exc}; skipped", UserWarning, stacklevel=2)
+            if skipped is not None:
+                skipped.append(Path(p))
+            continue
+        yield gf
 
 
 def read_grids(path_or_paths, flux_column: str | None = None, detector: str | None = None,
-               progress: bool = False) -> SpotGrids:
+               progress: bool = False, max_offset: float | None = DEFAULT_MAX_OFFSET) -> SpotGrids:
     """Read processed-grid files into a stacked spot-by-exposure set.
 
     Parameters
@@ -760,11 +922,14 @@ def read_grids(path_or_paths, flux_column: str | None = None, detector: str | No
     flux_column : str, optional
         Flux column; see the module notes for the defaults.
     detector : str, optional
-        Keep only the files of this detector (by file name or header). Without
-        it, files from several detectors are an error: spotflat never mixes
-        detectors silently.
+        Keep only the files of this detector (by file name or header); files
+        that name no detector are assigned this one. Without it, files from
+        several detectors are an error: spotflat never mixes detectors
+        silently.
     progress : bool
         Show a progress bar over files (for the command line).
+    max_offset : float or None
+        Far-match rule in grid steps (:func:`flag_points`).
 
     Returns
     -------
@@ -779,13 +944,28 @@ def read_grids(path_or_paths, flux_column: str | None = None, detector: str | No
     """
     paths = _as_paths(path_or_paths)
     if detector:
-        groups = group_by_detector(paths)
-        paths = groups.get(detector, []) + groups.get("", [])
-        if not paths:
-            raise InputError(f"no files for detector {detector}",
-                             expected="one of " + ", ".join(k for k in groups if k))
+        paths = select_detector(group_by_detector(paths), detector)
     from .progress import progress_iter as progress_bar
 
+    skipped: list = []
     with progress_bar(paths, "Reading grid files", quiet=not progress) as bar:
-        return stack_grid_files((read_grid_file(p, flux_column) for p in bar),
-                                detector=detector, count=len(paths))
+        grids = stack_grid_files(read_grid_files(bar, flux_column, skipped),
+                                 detector=detector, count=len(paths), max_offset=max_offset)
+    grids.meta["skipped"] = [str(p) for p in skipped]
+    return grids
+
+
+def select_detector(groups: dict[str, list[Path]], detector: str, where=None) -> list[Path]:
+    """The files of ``detector`` among ``groups`` (:func:`group_by_detector`), plus those naming none.
+
+    Raises
+    ------
+    InputError
+        When no file names ``detector`` and none is unnamed (the files carry
+        other detectors: a conflict, not something to assign).
+    """
+    paths = list(groups.get(detector, [])) + list(groups.get("", []))
+    if not paths:
+        raise InputError(f"no files for detector {detector}", path=where,
+                         expected="one of " + ", ".join(k for k in groups if k))
+    return paths

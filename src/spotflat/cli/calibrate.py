@@ -59,12 +59,28 @@ def _is_dir_output(output: Path, raw: str) -> bool:
               help="Clipping threshold for --stat clipped.")
 @click.option("--min-dithers", type=click.IntRange(min=1), default=3, show_default=True,
               help="Spots kept in fewer exposures are flagged invalid.")
-@click.option("--detector", default=None, help="Use only this detector's files, e.g. R22_S11.")
+@click.option("--detector", default=None,
+              help="Use only this detector's files, e.g. R22_S11; files that name no detector "
+                   "are assigned this one (files naming another are refused).")
 @click.option("--ecsv", is_flag=True, help="Also write <output>_spots.ecsv and <output>_exposures.ecsv.")
+@click.option("--max-offset", type=click.FloatRange(min=0, min_open=True), default=0.25, show_default=True,
+              help="Grid points whose centroid is farther than this fraction of the grid step from "
+                   "the grid position are unmatched (a neighbouring spot, not their own).")
+@click.option("--qc/--no-qc", default=True, show_default=True,
+              help="Exposure quality control: outlier exposures are excluded from F and s.")
+@click.option("--keep", "keep", multiple=True, metavar="FILE",
+              help="Keep this exposure (file name) whatever the QC says; repeatable.")
+@click.option("--drop", "drop", multiple=True, metavar="FILE",
+              help="Exclude this exposure (file name); repeatable.")
+@click.option("--register", is_flag=True,
+              help="Re-register exposures whose grid labels fit the consensus better shifted/flipped.")
+@click.option("--qc-figure/--no-qc-figure", default=True, show_default=True,
+              help="Write the QC figure <output>_qc.png.")
 @workers_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: str, sigma: float,
-              min_dithers: int, detector: str | None, ecsv: bool, workers: int | None,
+              min_dithers: int, detector: str | None, ecsv: bool, max_offset: float, qc: bool,
+              keep: tuple, drop: tuple, register: bool, qc_figure: bool, workers: int | None,
               scheduler: str | None, quiet: bool) -> None:
     """Build the calibration catalogue (F[k], s[j]) from SPOTDATA_DIR.
 
@@ -74,12 +90,12 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
     --workers local processes or the workers of a Dask --scheduler; the
     catalogues are the same bit for bit as with --workers 1.
     """
-    from ..calibration import write_calibration
     from ..errors import InputError
-    from ..fileio import check_output, check_writable, make_output_dir, staged_outputs
+    from ..fileio import check_output, check_writable
     from ..focalplane import calibrate_detectors
-    from ..grids import find_grid_files, group_by_detector
+    from ..grids import find_grid_files, group_by_detector, select_detector
     from ..parallel import Runner
+    from ..qc import QCOptions
 
     raw = output
     if not raw:
@@ -107,10 +123,7 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
 
         groups = group_by_detector(paths)
         if detector:
-            if detector not in groups:
-                raise InputError(f"no files for detector {detector}", path=spotdata_dir,
-                                 expected="one of " + ", ".join(d or "(unnamed)" for d in groups))
-            groups = {detector: groups[detector]}
+            groups = {detector: select_detector(groups, detector, where=spotdata_dir)}
         explain_groups(groups, min_dithers, spotdata_dir)
         several = len(groups) > 1
         if several:
@@ -118,16 +131,16 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
             shown = ", ".join(d or "(unnamed)" for d in names[:12]) + (", ..." if len(names) > 12 else "")
             click.echo(f"{len(groups)} detectors found ({shown}): writing one catalogue per detector.")
         # build everything before writing anything: no partial set of outputs
-        cals = calibrate_detectors(groups, runner, flux_column=flux_column, stat=stat,
-                                   min_dithers=min_dithers, sigma=sigma, progress=not quiet)
+        options = QCOptions(enabled=qc, keep=keep, drop=drop, register=register, max_offset=max_offset)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            cals = calibrate_detectors(groups, runner, flux_column=flux_column, stat=stat,
+                                       min_dithers=min_dithers, sigma=sigma, progress=not quiet, qc=options)
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                click.echo(f"Warning: {w.message}", err=True)
         how = runner.describe()
-    written_all = []
-    with staged_outputs(inputs=paths):  # every catalogue of the run appears, or none
-        if to_dir:
-            make_output_dir(output, option="-o")
-        for det, cal in cals.items():
-            written = write_calibration(cal, _output_for(output, det, several, to_dir), ecsv=ecsv)
-            written_all.append((det, cal, written))
+    written_all = _write_all(cals, output, several, to_dir, ecsv, qc_figure, inputs=paths)
     if len(written_all) == 1:
         det, cal, written = written_all[0]
         _summary(det, cal, written, how)
@@ -135,10 +148,68 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
         _short_summary(written_all, how)
 
 
+def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figure: bool, inputs=()):
+    """Write every catalogue with its QC table and figure: all staged, then renamed together."""
+    from ..calibration import write_calibration
+    from ..fileio import atomic_path, make_output_dir, staged_outputs
+
+    written_all = []
+    with staged_outputs(inputs=inputs):  # every file of the run appears, or none
+        if to_dir:
+            make_output_dir(output, option="-o")
+        for det, cal in cals.items():
+            out = _output_for(output, det, several, to_dir)
+            files = list(write_calibration(cal, out, ecsv=ecsv))
+            if cal.qc is not None:
+                qpath = out.with_name(f"{out.stem}_qc.ecsv")
+                with atomic_path(qpath) as tmp:
+                    t = cal.qc.copy()
+                    t.meta = dict(cal.meta)
+                    t.write(tmp, format="ascii.ecsv")
+                files.append(qpath)
+                if figure:
+                    from ..qcplot import plot_qc
+
+                    fpath = out.with_name(f"{out.stem}_qc.png")
+                    fig = plot_qc(cal.qc, det)
+                    with atomic_path(fpath) as tmp:
+                        fig.savefig(tmp, dpi=90)
+                    files.append(fpath)
+            written_all.append((det, cal, files))
+    return written_all
+
+
+def _qc_rows(cal) -> list[tuple[str, str]]:
+    """Counts of flags per reason and the exposures left out, for the summary."""
+    m, e = cal.meta, cal.exposures
+    far = f"> {m.get('MAXOFFS', 0):g} step" if m.get("MAXOFFS", 0) else "rule off"
+    rows = [("points flagged", f"{m.get('NFAR', 0)} far from their grid point ({far}), "
+                               f"{m.get('NAMBIG', 0)} sharing a source, {m.get('NCLIPPED', 0)} clipped")]
+    used = np.asarray(e["used"], dtype=bool) if "used" in e.colnames else np.ones(len(e), bool)
+    if m.get("QC"):
+        rows.append(("exposures used", f"{int(used.sum())} of {len(e)}"))
+        for j in np.flatnonzero(~used):
+            rows.append(("  excluded", f"{e['filename'][j]}: {e['reason'][j]}"))
+        if "registration" in e.colnames:
+            for j in range(len(e)):
+                if str(e["registration"][j]) != "identity" and used[j]:
+                    rows.append(("  labels", f"{e['filename'][j]}: fit better as {e['registration'][j]}"
+                                             + (" (re-registered)" if m.get("NREGIST") else "")))
+        if "bf_flag" in e.colnames and np.any(e["bf_flag"]):
+            bad = [str(n) for n in e["filename"][np.asarray(e["bf_flag"])]]
+            rows.append(("  saturation/BF", f"{len(bad)} exposure(s) with t or size depending on peak level: "
+                                            + ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")))
+        if "bf_flag" in cal.spots.colnames:
+            rows.append(("  BF spots", f"{int(np.count_nonzero(cal.spots['bf_flag']))} spots whose size grows "
+                                       "with peak level"))
+    return rows
+
+
 def _summary(det, cal, written, how: str) -> None:
     spots, e = cal.spots, cal.exposures
     valid = np.asarray(spots["valid"])
     t_std = np.asarray(spots["t_std"])[valid]
+    used = np.asarray(e["used"], dtype=bool) if "used" in e.colnames else np.ones(len(e), bool)
     ncols, nrows = int(e["ncols"][0]), int(e["nrows"][0])
     rows = [
         ("files read", len(e)),
@@ -147,8 +218,10 @@ def _summary(det, cal, written, how: str) -> None:
         ("statistic", f"{cal.meta['STAT']} of {cal.meta['FLUXCOL']}"
                       f" ({cal.meta['NITER']} iterations{'' if cal.meta['CONVERGD'] else ', NOT converged'})"),
         ("median scatter of t", f"{np.nanmedian(t_std):.4%}" if t_std.size else "n/a"),
-        ("exposure scale s", f"{np.nanmin(cal.s):.4f} .. {np.nanmax(cal.s):.4f}"),
+        ("exposure scale s", f"{np.nanmin(cal.s[used]):.4f} .. {np.nanmax(cal.s[used]):.4f}"
+                             + (" (used exposures)" if not used.all() else "")),
     ]
+    rows += _qc_rows(cal)
     rows += _projector_rows(cal)
     if how.startswith("Dask"):  # one detector on a local pool is read in this process
         rows.append(("run on", how))
@@ -163,8 +236,11 @@ def _short_summary(written_all, how: str) -> None:
         valid = np.asarray(cal.spots["valid"])
         t_std = np.asarray(cal.spots["t_std"])[valid]
         scatter = f"{np.nanmedian(t_std):.3%}" if t_std.size else "n/a"
+        e = cal.exposures
+        excl = [str(n) for n, u in zip(e["filename"], e["used"]) if not u] if "used" in e.colnames else []
         rows.append((det or "(unnamed)", f"{len(cal.exposures)} files, {int(valid.sum())}/{len(valid)} spots kept, "
-                                         f"median scatter of t {scatter} -> {written[0]}"))
+                                         f"median scatter of t {scatter} -> {written[0]}"
+                                         + (f"; excluded: {', '.join(excl)}" if excl else "")))
     rows.append(("run on", how))
     echo_summary(f"Calibration of {len(written_all)} detectors:", rows)
 

@@ -1,0 +1,95 @@
+"""The quality-control figure of a calibration: which exposures were used, and why not."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plot_qc", "write_qc_figure"]
+
+
+def plot_qc(qc, detector: str = "", fig=None):
+    """Four panels from a QC table (:attr:`spotflat.calibration.Calibration.qc`).
+
+    Per-exposure robust scatter of t and pattern correlation, rejected
+    fractions, and the grid centres on the CCD outline; used exposures in
+    blue, excluded ones as red crosses with their file names.
+
+    Parameters
+    ----------
+    qc : astropy.table.Table
+    detector : str
+        Detector name, for the CCD outline (a 4096 x 4004 box when unknown).
+    fig : matplotlib.figure.Figure, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    fig = fig or Figure(figsize=(11, 8))
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.07, top=0.9, wspace=0.28, hspace=0.35)  # (constrained layout costs 0.2 s)
+    used = np.asarray(qc["used"], dtype=bool)
+    j = np.arange(len(qc))
+    names = [str(n) for n in qc["filename"]]
+    ax = fig.subplots(2, 2)
+
+    def mark(a, yv):
+        a.plot(j[used], yv[used], "o", color="C0", label="used")
+        a.plot(j[~used], yv[~used], "x", color="C3", ms=9, mew=2, label="excluded")
+        for k in j[~used]:
+            a.annotate(names[k], (k, yv[k]), fontsize=6, color="C3", rotation=30,
+                       xytext=(3, 3), textcoords="offset points")
+        a.set_xlabel("exposure")
+
+    sc = np.asarray(qc["t_scatter"], float) * 100
+    mark(ax[0, 0], sc)
+    if "t_width" in qc.colnames:
+        w = np.asarray(qc["t_width"], float) * 100
+        ax[0, 0].plot(j, w, "s", mfc="none", color="0.4", ms=5, label="10-90 % width")
+    ax[0, 0].set_yscale("log")
+    ax[0, 0].set_ylabel("robust scatter of t (%)")
+    ax[0, 0].legend(fontsize=7)
+    r = np.asarray(qc["pattern_r"], float)
+    mark(ax[0, 1], 1 - r)
+    ax[0, 1].set_yscale("log")
+    ax[0, 1].set_ylabel("1 - correlation with consensus F")
+    mark(ax[1, 0], np.asarray(qc["rejected_fraction"], float))
+    ax[1, 0].set_ylabel("fraction of points rejected")
+    a = ax[1, 1]
+    ox, oy = _outline(detector)
+    a.plot(ox, oy, "k-", lw=1)
+    xc, yc = np.asarray(qc["x_centre"], float), np.asarray(qc["y_centre"], float)
+    a.plot(xc[used], yc[used], "o", color="C0")
+    a.plot(xc[~used], yc[~used], "x", color="C3", ms=9, mew=2)
+    a.set_aspect("equal")
+    a.set_xlabel("grid centre x (CCD pix)")
+    a.set_ylabel("grid centre y (CCD pix)")
+    fig.suptitle(f"Quality control {detector}: {int(used.sum())}/{len(qc)} exposures used")
+    return fig
+
+
+def _outline(detector: str):
+    nx, ny = 4096, 4004  # unknown detector: an E2V-sized box
+    try:
+        from .geometry import ccd_shape
+
+        ny, nx = ccd_shape(detector)
+    except Exception:
+        pass
+    return (np.array([-0.5, nx - 0.5, nx - 0.5, -0.5, -0.5]),
+            np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, -0.5]))
+
+
+def write_qc_figure(qc, path: str | os.PathLike, detector: str = "") -> Path:
+    """Render :func:`plot_qc` to ``path`` (PNG), atomically."""
+    from .fileio import atomic_path
+
+    path = Path(path)
+    fig = plot_qc(qc, detector)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    return path
