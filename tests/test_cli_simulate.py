@@ -68,3 +68,15 @@ def test_simulate_seed_reproducible(run_cli, tmp_path):
     assert fa.name == fb.name
     np.testing.assert_array_equal(fits.getdata(fa, 1)["base_SdssShape_instFlux"],
                                   fits.getdata(fb, 1)["base_SdssShape_instFlux"])
+
+
+def test_cli_simulate_treering_kind_and_boost(run_cli, tmp_path):
+    from astropy.io import fits
+
+    out = tmp_path / "qe"
+    r = run_cli("simulate", out, "--ndither", 2, "--seed", 1, "--treering-kind", "qe", "--treering-boost", 10)
+    assert r.exit_code == 0, r.output
+    assert "imSim model" in r.output and "qe, x10" in r.output
+    with fits.open(out / "truth.fits") as h:
+        assert h[0].header["TRKIND"] == "qe" and h[0].header["TRBOOST"] == 10.0
+        assert h[0].header["TRMODEL"] == "imsim"

@@ -30,16 +30,26 @@ def runs(tmp_path_factory):
     """A few small simulated runs, written once for the module."""
     base = tmp_path_factory.mktemp("sim")
     out = {}
-    out["none"] = simulate_run(base / "none", ndither=8, seed=5, noise=0.0, illumination=0.0, **SMALL)
-    out["illum"] = simulate_run(base / "illum", ndither=8, seed=5, noise=0.0, illumination=0.05, **SMALL)
+    # QE-like rings: the flat then sees exactly the spots' response (pixel-area rings break that, below)
+    qe = ResponseParams(treering_kind="qe")
+    out["none"] = simulate_run(base / "none", ndither=8, seed=5, noise=0.0, illumination=0.0, **SMALL,
+                               response=qe)
+    out["area"] = simulate_run(base / "area", ndither=8, seed=5, noise=0.0, illumination=0.0, **SMALL)
+    out["norings"] = simulate_run(base / "norings", ndither=8, seed=5, noise=0.0, illumination=0.0, **SMALL,
+                                  response=ResponseParams(treering_boost=0.0))
+    out["illum"] = simulate_run(base / "illum", ndither=8, seed=5, noise=0.0, illumination=0.05, **SMALL,
+                                response=qe)
     out["treering"] = simulate_run(base / "tr", ndither=8, seed=5, noise=0.0, illumination=0.0,
                                    flat_mismatch="treering", **SMALL)
     # without gain steps and dust: the few amp boundaries would make one seed's r noisy
     out["independent"] = simulate_run(base / "ind", ndither=8, seed=5, noise=0.0, illumination=0.0,
                                       flat_mismatch="independent", **SMALL,
                                       response=ResponseParams(gain_sigma=0.0, ndust=0))
+    # the old synthetic E2V rings (0.15 %, 10-100x real ones), asked for explicitly: at real amplitudes
+    # a flat at another wavelength differs from the spots by less than this test resolves
     out["wavelength"] = simulate_run(base / "wl", ndither=8, seed=5, noise=0.0, illumination=0.0,
-                                     flat_mismatch="wavelength", **SMALL)
+                                     flat_mismatch="wavelength", **SMALL,
+                                     response=ResponseParams(treering_amplitude=0.0015))
     out["dm"] = simulate_run(base / "dm", detector="R02_S02", ndither=4, seed=2)
     out["itl0"] = simulate_run(base / "itl0", detector="R02_S02", ndither=1, seed=1, noise=0.0, **SMALL)
     out["legacy"] = simulate_run(base / "legacy", detector="R02_S02", ndither=4, seed=2, fmt="legacy")
@@ -86,7 +96,9 @@ def test_response_map_shape_level_and_seed(e2v_response):
 def test_response_components_are_separable():
     """Turning the rings off changes only the ring factor (own random streams)."""
     p0 = ResponseParams(treering_amplitude=0.0)
-    with_rings, info = response_map("R02_S02", seed=1, return_info=True)
+    # the synthetic (QE-like) rings at the old ITL default of 0.4 %, asked for explicitly
+    with_rings, info = response_map("R02_S02", seed=1, return_info=True,
+                                    params=ResponseParams(treering_amplitude=0.004))
     without = response_map("R02_S02", seed=1, params=p0)
     ratio = with_rings / without
     amp = info["params"]["treering_amplitude"]
@@ -95,6 +107,28 @@ def test_response_components_are_separable():
     # the ratio is radial about the ring centre: constant along a circle arc
     xc, yc = info["treering_center"]
     assert not (0 <= xc < 4072 and 0 <= yc < 4000)  # centre off the CCD
+
+
+def test_imsim_rings_are_the_default_with_real_centre_and_amplitude():
+    from spotflat.treerings import treering_model
+
+    full, info = response_map("R22_S20", seed=2, return_info=True)
+    bare = response_map("R22_S20", seed=2, treerings=False)
+    ring = full / bare
+    model = treering_model("R22_S20")
+    assert info["treering_kind"] == "area" and info["treering_center"] == pytest.approx(model.centre)
+    # real amplitude: flat modulation rms ~4e-5 .. 1.3e-4 (imSim table rescaled to measured flats)
+    assert 2e-5 < ring.std() < 2e-4
+    assert info["params"]["treering_amplitude"] == pytest.approx(ring.std(), rel=0.01)
+    # the ring factor is the area change 1 / ((1 + f') (1 + f / r)) of the table's f(r), about its centre
+    ny, nx = ring.shape
+    yy, xx = 2000, np.arange(0, nx, 97)
+    r = np.hypot(xx - model.centre[0], yy - model.centre[1])
+    expect = 1 / ((1 + model.derivative(r)) * (1 + model.displacement(r) / r))
+    np.testing.assert_allclose(ring[yy, xx], expect, atol=2e-6)
+    # a boost scales the displacement (for demonstrations)
+    big = response_map("R22_S20", seed=2, params=ResponseParams(treering_boost=20.0)) / bare
+    assert 15 < (big - 1).std() / (ring - 1).std() < 25
 
 
 def test_vendor_edges_differ():
@@ -199,6 +233,30 @@ def test_mismatch_none_t_equals_q(runs):
     assert np.nanmax(np.abs(ratio[ok] - 1)) < 5e-3
     a, b = effective_scales(np.where(ok, ratio, 1.0), ok)
     np.testing.assert_allclose(ratio[ok], (a[:, None] * b[None, :])[ok], rtol=1e-10)
+
+
+def test_area_rings_are_seen_by_the_flat_not_by_the_spot_flux(runs):
+    """Pixel-area rings: flux conserved, centroid moved by f(r), flat modulated by the area change."""
+    area, qe, bare = runs["area"], runs["none"], runs["norings"]
+    ok = ~area.spots.missing & ~area.spots.outlier
+    # the same draws, the same flat; the spots' flux misses exactly the ring area factor
+    np.testing.assert_allclose(area.resp_flat[ok], qe.resp_flat[ok], rtol=1e-12)
+    np.testing.assert_allclose((area.mismatch * (1 - area.treering_fprime))[ok], 1.0, atol=5e-6)  # f/r, 2nd order
+    assert np.nanstd(area.treering_fprime[ok]) > 1e-5
+    # the centroid moved by the footprint mean of f along the radius (noise 0)
+    cx, cy = area.treering.centre
+    ex, ey = area.spots.x_true - cx, area.spots.y_true - cy
+    r = np.hypot(ex, ey)
+    shift = ((area.spots.x - bare.spots.x) * ex + (area.spots.y - bare.spots.y) * ey) / r
+    np.testing.assert_allclose(shift[ok], area.treering_shift[ok], atol=3e-7)  # float32 maps
+    np.testing.assert_allclose(area.spots.flux[ok], bare.spots.flux[ok], rtol=1e-6)  # flux conserved
+    # sizes change by f' across the ring: d(xx + yy) / (xx + yy) ~ <f'> (round spots)
+    dT = (area.spots.xx + area.spots.yy) / (bare.spots.xx + bare.spots.yy) - 1
+    assert _corr(dT[ok], area.treering_fprime[ok]) > 0.95
+    assert np.nanstd(area.treering_shift[ok]) > 5e-5
+    tr = read_truth(area.truth_path)
+    assert tr["header"]["TRKIND"] == "area" and tr["header"]["TRMODEL"] == "imsim"
+    np.testing.assert_allclose(np.asarray(tr["points"]["tr_shift"]), area.treering_shift.ravel())
 
 
 def test_illumination_is_the_only_difference(runs):

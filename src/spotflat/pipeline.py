@@ -18,7 +18,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .calibration import Calibration, read_calibration
-from .compare import Comparison, binned_map, compare_spots_flat, summarize_by_amp, summarize_by_distance
+from .compare import Comparison, compare_spots_flat, summarize_by_amp, summarize_by_distance
 from .errors import InputError
 from .fileio import atomic_path, fits_safe, fits_table_safe, make_output_dir, provenance_cards, staged_outputs
 from .grids import SpotGrids, read_grids
@@ -173,6 +173,7 @@ class CorrelateResult:
     files: list = field(default_factory=list)
     components: dict = field(default_factory=dict)
     removed_figures: list = field(default_factory=list)
+    verdict: object = None  # spotflat.verdict.Verdict: QE or pixel area, per feature (issue 14)
 
 
 def _components_for(quantity: str) -> tuple[str, ...]:
@@ -337,8 +338,11 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
                             METHOD=method, NSPOT=comp.nspot, NPOINT=comp.npoint,
                             FLATELEC=float(electrons) if electrons is not None else -1.0, **comp.meta)
     results.meta.update(meta)
+    from .verdict import correlate_hook
+
     return CorrelateResult(results=results, comparison=comp, stats=stats, variance=variance,
-                           amp_summary=amp, boundary_summary=boundary, components=parts)
+                           amp_summary=amp, boundary_summary=boundary, components=parts,
+                           verdict=correlate_hook(comp, flat, nboot=min(nboot, 100), seed=seed))
 
 
 def _write_table(table: Table, path: Path, fmt: str) -> Path:
@@ -395,6 +399,8 @@ def _write_outputs(res: CorrelateResult, outdir: Path, figures: bool) -> list[Pa
     if res.boundary_summary is not None:
         res.boundary_summary.meta.update(meta)
         files.append(_write_table(res.boundary_summary, outdir / "boundary_summary.ecsv", "ecsv"))
+    if res.verdict is not None:  # QE or pixel area (spotflat.verdict)
+        files += res.verdict.write(outdir, meta)
     var = Table(rows=[{k: v for k, v in res.variance.items() if np.isscalar(v)}])
     var.meta.update(meta)
     files.append(_write_table(var, outdir / "variance.ecsv", "ecsv"))

@@ -5,10 +5,17 @@ effects a CCD test stand knows, each a separate factor ``1 + delta``:
 
 * **amplifier gain steps** -- one factor per amplifier segment
   (``1 + N(0, gain_sigma)``), with steps at every segment boundary;
-* **tree rings** -- concentric rings about a centre outside one CCD corner
-  (the silicon boule's axis): a quasi-periodic radial profile whose local
-  wavelength drifts between ``treering_wavelength`` limits (tens of pixels)
-  and whose amplitude (0.1-1 %) is slowly modulated with radius;
+* **tree rings** -- by default the imSim model of the chosen detector
+  (:mod:`spotflat.treerings`: real centre, real amplitude, flat modulation
+  rms ~4e-5 to 1.3e-4): a radial *displacement of charge* ``f(r)``, so the
+  flat sees the pixel-area change ``1 / ((1 + f') (1 + f / r))`` while the
+  spots keep their flux and move (``treering_kind="area"``, the physical
+  case; ``"qe"`` makes the same modulation a QE effect instead, for the
+  other hypothesis). ``treering_boost`` scales ``f`` up for
+  demonstrations. The older synthetic model (a quasi-periodic profile whose
+  local wavelength drifts between ``treering_wavelength`` limits, peak
+  ``treering_amplitude``, QE-like) is used when ``treering_model="synthetic"``
+  or when ``treering_amplitude`` is given;
 * **mid-line** -- the boundary between the two amplifier rows differs by
   vendor: ITL shows a narrow/wide pair of pixel rows (a pixel-area
   discontinuity, ``-m`` then ``+m/2``) over a shallow dip a few tens of rows
@@ -54,8 +61,21 @@ class ResponseParams:
     ----------
     gain_sigma : float
         RMS of the per-amplifier gain factors.
+    treering_model : {"imsim", "synthetic"} or None
+        Tree-ring model; ``None``: ``"synthetic"`` when ``treering_amplitude``
+        is given, else ``"imsim"`` (the detector's packaged model).
+    treering_kind : {"area", "qe"} or None
+        What the rings are: a pixel-area effect (charge displaced; the
+        physical default of the imSim model) or a QE effect (the only kind
+        of the synthetic model).
+    treering_boost : float
+        Multiplies the imSim displacement (1 = real amplitude).
+    treering_detector : str or None
+        Table entry for a made-up layout (default ``R22_S11``'s radial
+        function, centred so that the CCD centre is ~4800 px from it).
     treering_amplitude : float or None
-        Peak fractional amplitude of the tree rings (ITL 0.4 %, E2V 0.15 %).
+        Peak fractional amplitude of the synthetic tree rings (vendor
+        default ITL 0.4 %, E2V 0.15 %: 10-100x the real ones).
     treering_wavelength : tuple of float
         Range of the local ring wavelength, pixels.
     treering_center : tuple of float or None
@@ -74,6 +94,10 @@ class ResponseParams:
     """
 
     gain_sigma: float = 0.01
+    treering_model: str | None = None
+    treering_kind: str | None = None
+    treering_boost: float = 1.0
+    treering_detector: str | None = None
     treering_amplitude: float | None = None
     treering_wavelength: tuple[float, float] = (30.0, 90.0)
     treering_center: tuple[float, float] | None = None
@@ -86,8 +110,20 @@ class ResponseParams:
 
     def resolved(self, vendor: str) -> "ResponseParams":
         """These parameters with the ``None`` entries filled for ``vendor``."""
-        defaults = _VENDOR[vendor]
-        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        model = self.treering_model or ("synthetic" if self.treering_amplitude is not None else "imsim")
+        if model not in ("imsim", "synthetic"):
+            raise InputError(f"unknown tree-ring model {model!r}", expected="imsim or synthetic")
+        kind = self.treering_kind or ("area" if model == "imsim" else "qe")
+        if kind not in ("area", "qe"):
+            raise InputError(f"unknown tree-ring kind {kind!r}", expected="area or qe")
+        if model == "synthetic" and kind == "area":
+            raise InputError("the synthetic tree rings are a QE pattern only",
+                             expected="treering_model='imsim' for pixel-area rings")
+        defaults = dict(_VENDOR[vendor])
+        if model == "imsim":
+            defaults["treering_amplitude"] = 0.0  # unused: the imSim rings set their own amplitude
+        out = replace(self, treering_model=model, treering_kind=kind)
+        return replace(out, **{k: v for k, v in defaults.items() if getattr(out, k) is None})
 
     def as_dict(self) -> dict:
         """Plain ``dict`` of the parameters."""
@@ -309,10 +345,32 @@ def _dust(img: np.ndarray, n: int, amplitude: float, rng: np.random.Generator) -
         img[ys, xs] *= (1.0 - depth * np.exp(-0.5 * ((r - r0) / w) ** 2)).astype(img.dtype)
 
 
+def imsim_rings(detector: str, shape: tuple[int, int], params: ResponseParams, rng: np.random.Generator,
+                scale: float = 1.0):
+    """The imSim tree-ring model for ``detector`` (or a stand-in for a made-up layout)."""
+    from .treerings import known_detector, treering_model
+
+    if known_detector(detector) and params.treering_detector is None:
+        model = treering_model(detector)
+        if params.treering_center is not None:
+            model = model.with_centre(params.treering_center)
+    else:
+        model = treering_model(params.treering_detector or "R22_S11")
+        if params.treering_center is not None:
+            centre = params.treering_center
+        else:
+            # a made-up CCD: put it at the radii of a real one (~4800 px), off a random corner
+            ny, nx = shape
+            sx, sy = rng.choice([-1.0, 1.0], size=2)
+            centre = ((nx - 1) / 2 + sx * 4800 / np.sqrt(2), (ny - 1) / 2 + sy * 4800 / np.sqrt(2))
+        model = model.with_centre(centre)
+    return model.scaled(params.treering_boost * scale)
+
+
 def response_map(detector: str = "R22_S11", seed: int | np.random.SeedSequence = 0,
                  params: ResponseParams | None = None, *, deterministic: bool = True,
                  treering_scale: float = 1.0, layout: tuple | None = None,
-                 return_info: bool = False):
+                 return_info: bool = False, treerings: bool = True):
     """The true relative response (QE x pixel area) of a detector.
 
     Parameters
@@ -336,7 +394,12 @@ def response_map(detector: str = "R22_S11", seed: int | np.random.SeedSequence =
         ``(shape, vendor, amps)`` to bypass the geometry lookup (see
         :func:`detector_layout`).
     return_info : bool
-        Also return a dict describing what was drawn (gains, ring centre).
+        Also return a dict describing what was drawn (gains, ring centre,
+        the ``treering_model`` object and ``treering_factor``, the rings'
+        own factor image, so that ``map / treering_factor`` is the map
+        without them).
+    treerings : bool
+        Include the rings (``False``: the same map without them).
 
     Returns
     -------
@@ -356,9 +419,18 @@ def response_map(detector: str = "R22_S11", seed: int | np.random.SeedSequence =
     rng = _streams(seed)
     ny, nx = shape
 
-    center = p.treering_center or treering_center(shape, rng["treering"])
-    img = treering_map(shape, center, p.treering_amplitude * treering_scale,
-                       p.treering_wavelength, rng["treering"])
+    model = None
+    if p.treering_model == "imsim":
+        model = imsim_rings(detector, shape, p, rng["treering"], scale=treering_scale)
+        center = model.centre
+        from .treerings import area_factor_map
+
+        ring = area_factor_map(model, shape)
+    else:
+        center = p.treering_center or treering_center(shape, rng["treering"])
+        ring = treering_map(shape, center, p.treering_amplitude * treering_scale,
+                            p.treering_wavelength, rng["treering"])
+    img = ring.copy() if treerings else np.ones(shape, dtype=np.float32)
     gains = {}
     for amp in sorted(amps):
         g = 1.0 + p.gain_sigma * rng["gain"].standard_normal()
@@ -377,8 +449,12 @@ def response_map(detector: str = "R22_S11", seed: int | np.random.SeedSequence =
         noise += np.float32(1.0)
         img *= noise
     if return_info:
-        return img, {"vendor": vend, "gains": gains, "treering_center": center,
-                     "params": p.as_dict()}
+        pd = p.as_dict()
+        if model is not None:
+            pd["treering_amplitude"] = float(np.std(ring))  # the rms flat modulation of the imSim rings
+        return img, {"vendor": vend, "gains": gains, "treering_center": tuple(float(c) for c in center),
+                     "params": pd, "treering_model": model, "treering_factor": ring,
+                     "treering_kind": p.treering_kind}
     return img
 
 

@@ -342,7 +342,7 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
                    vignetting: float = 0.2, drift: float = 0.003, moments: tuple[float, float, float] = (5.0, 5.2, 0.2),
                    moment_spread: float = 0.15, distortion: float = 0.5, read_noise: float = 8.0,
                    missing_fraction: float = 0.03, outlier_fraction: float = 0.003,
-                   flux_weight: str = "gaussian") -> SpotSimulation:
+                   flux_weight: str = "gaussian", displacement=None) -> SpotSimulation:
     """Dither a spot grid over ``response`` and measure every spot.
 
     See the module notes for the measurement model.
@@ -394,6 +394,12 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
         Weight through which the flux sees the response: the spot's profile
         ``G`` (default), or ``G**2`` as a Gaussian-weighted (SdssShape)
         flux does (moments halved). Centroids and shapes keep ``G``.
+    displacement : spotflat.treerings.TreeRingModel, optional
+        Pixel-area tree rings: the charge of each spot is displaced radially
+        by the model's ``f(r)``; the flux is unchanged, the centroid moves by
+        the footprint average of ``f`` and the second moments change by
+        ``J Sigma + Sigma J`` (:func:`spotflat.treerings.displacement_at`).
+        The shifts are stored in ``params["treering_shift"]``.
 
     Returns
     -------
@@ -449,6 +455,14 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
         resp = fm["mean"]
     else:
         raise InputError(f"unknown flux weight {flux_weight!r}", expected="gaussian or gaussian2")
+    tr_shift = None
+    if displacement is not None:
+        from .treerings import displacement_at
+
+        dsp = displacement_at(displacement, x_true, y_true, xx_t, yy_t, xy_t)
+        for key in ("dx", "dy", "dxx", "dyy", "dxy"):
+            fm[key] = fm[key] + dsp[key]
+        tr_shift = dsp
     flux_true = F[:, None] * s[None, :] * resp
 
     # noise: Poisson + read noise over the footprint's effective area
@@ -493,6 +507,8 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
                   vignetting=vignetting, drift=drift, moments=tuple(moments), moment_spread=moment_spread,
                   distortion=distortion, read_noise=read_noise, missing_fraction=missing_fraction,
                   outlier_fraction=outlier_fraction)
+    if tr_shift is not None:
+        params["treering_shift"] = {"f": tr_shift["f"], "fprime": tr_shift["fprime"], "r": tr_shift["r"]}
     return SpotSimulation(
         grid=grid, ncols=ncols, nrows=nrows, F=F, s=s, gx=gx, gy=gy, x_true=x_true, y_true=y_true,
         xx_true=xx_t, yy_true=yy_t, xy_true=xy_t, resp=resp, flux_true=flux_true,
@@ -768,6 +784,13 @@ class Simulation:
         Amplifier gain factors of the spots' response.
     params : dict
         Every parameter of the run (also in the truth file's header).
+    treering : spotflat.treerings.TreeRingModel or None
+        The imSim tree-ring model (None for the synthetic rings).
+    treering_shift, treering_fprime : numpy.ndarray or None
+        ``(nspot, nexp)`` footprint-averaged radial charge displacement
+        ``f`` (pixels) and ``f'`` at every point, for pixel-area rings
+        (the centroid moved by ``f`` along the radius; the flat's ring
+        modulation is ``~ -f'``); None when the rings are QE-like.
     """
 
     detector: str
@@ -788,6 +811,9 @@ class Simulation:
     truth_bin: int = field(repr=False)
     gains: dict = field(repr=False)
     params: dict = field(repr=False)
+    treering: object = field(default=None, repr=False)
+    treering_shift: np.ndarray | None = field(default=None, repr=False)
+    treering_fprime: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -944,12 +970,21 @@ def simulate_data(detector: str = "R22_S11", ndither: int | None = None, seed: i
     # ---- responses
     rparams = response or ResponseParams()
     R, info = response_map(detector, streams["resp"], rparams, layout=layout, return_info=True)
-    resp_spot = resp_flat = R
+    tr_model, tr_kind = info["treering_model"], info["treering_kind"]
+    displacement = None
+    resp_flat = R
+    if tr_model is not None and tr_kind == "area":
+        # pixel-area rings: the flat sees the area change, the spots' charge is displaced instead
+        resp_spot = R / info["treering_factor"]
+        displacement = tr_model
+    else:
+        resp_spot = R
+    info.pop("treering_factor", None)
     if flat_mismatch == "treering":
         T = treering_map(shape, info["treering_center"], mismatch_amplitude,
                          rparams.resolved(vendor).treering_wavelength,
                          np.random.default_rng(streams["mismatch"]))
-        resp_spot = R * T
+        resp_spot = resp_spot * T
         del T
     elif flat_mismatch == "independent":
         resp_flat = response_map(detector, streams["flatresp"], rparams, layout=layout, deterministic=False)
@@ -958,7 +993,8 @@ def simulate_data(detector: str = "R22_S11", ndither: int | None = None, seed: i
                                  treering_scale=wavelength_ratio)
 
     # ---- spots, and the truth at every point
-    sim = simulate_spots(resp_spot, ndither=ndither, seed=streams["spots"], noise=noise, **spot_kwargs)
+    sim = simulate_spots(resp_spot, ndither=ndither, seed=streams["spots"], noise=noise,
+                         displacement=displacement, **spot_kwargs)
     if resp_flat is resp_spot:
         resp_flat_pts = sim.resp
     else:
@@ -984,14 +1020,18 @@ def simulate_data(detector: str = "R22_S11", ndither: int | None = None, seed: i
                   flat_mismatch=flat_mismatch, noise=noise,
                   mismatch_amplitude=mismatch_amplitude, wavelength_ratio=wavelength_ratio,
                   illumination=illumination, illum_angle=ill_angle, flat_level=flat_level,
-                  treering_center=tuple(info["treering_center"]),
-                  response=info["params"], spots=sim.params)
+                  treering_center=tuple(info["treering_center"]), treering_kind=tr_kind,
+                  treering_model=rparams.resolved(vendor).treering_model,
+                  response=info["params"], spots={k: v for k, v in sim.params.items() if k != "treering_shift"})
+    shift = sim.params.get("treering_shift")
     return Simulation(
         detector=detector, vendor=vendor, flat_mismatch=flat_mismatch, spots=sim, flat=flat,
         F=F_cal, s=s_cal, resp_flat=resp_flat_pts, illum=illum_pts, t=t, t_spot=t_spot, q=q,
         mismatch=mismatch, resp_bin=_bin_mean(resp_spot, truth_bin),
         flatresp_bin=_bin_mean(resp_flat, truth_bin), truth_bin=truth_bin, gains=info["gains"],
-        params=params)
+        params=params, treering=tr_model,
+        treering_shift=None if shift is None else shift["f"],
+        treering_fprime=None if shift is None else shift["fprime"])
 
 
 def simulate_run(outdir: str | os.PathLike, detector: str = "R22_S11", ndither: int | None = None,
@@ -1161,7 +1201,10 @@ def _header_params(params: dict) -> list[tuple[str, object, str]]:
         ("FLATLVL", p["flat_level"], "[e-] mean flat level"),
         ("TRCX", p["treering_center"][0], "[pix] tree-ring centre x"),
         ("TRCY", p["treering_center"][1], "[pix] tree-ring centre y"),
-        ("TRAMP", rp["treering_amplitude"], "tree-ring amplitude"),
+        ("TRAMP", rp["treering_amplitude"], "ring amplitude (imsim: flat rms)"),
+        ("TRMODEL", p.get("treering_model", "synthetic"), "tree-ring model: imsim or synthetic"),
+        ("TRKIND", p.get("treering_kind", "qe"), "rings: area (charge moved) or qe"),
+        ("TRBOOST", rp.get("treering_boost", 1.0), "imsim ring displacement scale"),
         ("GAINSIG", rp["gain_sigma"], "per-amp gain scatter"),
         ("MIDAMP", rp["midline_amplitude"], "mid-line amplitude"),
         ("EDGEAMP", rp["edge_amplitude"], "edge roll-off amplitude"),
@@ -1214,9 +1257,25 @@ def _write_truth(path, res: Simulation, names, bx, by) -> None:
         "flux_true": sim.flux_true.ravel(), "flux": sim.flux.ravel(),
         "missing": sim.missing.ravel(), "outlier": sim.outlier.ravel(),
     })
+    # each part of the truth: QE-type response (resp), and the rings' area part seen only by the flat
+    zero = np.zeros(points["x"].shape)
+    points["tr_shift"] = zero if res.treering_shift is None else res.treering_shift.ravel()
+    points["tr_shift"].unit = "pix"
+    points["tr_shift"].description = "radial charge displacement by pixel-area tree rings (footprint mean)"
+    points["tr_area"] = 1.0 - (zero if res.treering_fprime is None else res.treering_fprime.ravel())
+    points["tr_area"].description = "flat's ring area factor at the spot, 1 - <f'> (1 if rings are QE)"
     amps = Table({"amp": np.array(sorted(gains)), "gain": np.array([gains[a] for a in sorted(gains)])})
     hdus = [primary]
-    for name, tab in (("SPOTS", spots), ("EXPOSURES", exposures), ("POINTS", points), ("AMPS", amps)):
+    tabs = [("SPOTS", spots), ("EXPOSURES", exposures), ("POINTS", points), ("AMPS", amps)]
+    if res.treering is not None:
+        m = res.treering
+        rr = np.arange(0.0, 8000.0, 1.0)
+        ring = Table({"r": rr, "f": m.displacement(rr), "fprime": m.derivative(rr)})
+        ring["r"].unit = ring["f"].unit = "pix"
+        ring.meta.update({"DETECTOR": m.detector, "CENTREX": m.centre[0], "CENTREY": m.centre[1],
+                          "SCALE": m.scale, "KIND": params.get("treering_kind", "area")})
+        tabs.append(("TREERING", ring))
+    for name, tab in tabs:
         hdu = fits.table_to_hdu(tab)
         hdu.name = name
         hdus.append(hdu)

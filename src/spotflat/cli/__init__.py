@@ -27,6 +27,7 @@ _COMMANDS = {
     "calibrate": ("calibrate", "calibrate"),
     "correlate": ("correlate", "correlate"),
     "coords": ("coords", "coords"),
+    "response": ("response", "response"),
     "plot": ("plot", "plot"),
     "simulate": ("simulate", "simulate"),
     "demo": ("demo", "demo"),

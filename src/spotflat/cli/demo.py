@@ -27,7 +27,10 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
     from ..pipeline import run_correlate, write_figures, write_outputs
     from ..fileio import staged_outputs
     from ..progress import progress_bar
-    from ..simulate import simulate_run
+    from ..simulate import ResponseParams, simulate_run
+
+    # real tree rings (4e-5) are invisible in a small run: scale them up so the demo shows them
+    DEMO_TREERING_BOOST = 20.0
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,8 @@ def run_demo(outdir: Path, detector: str = "R22_S11", ndither: int = 50, seed: i
         f"(flat mismatch: {mismatch}) ...")
     with progress_bar(ndither + 2, "Simulating", show=not quiet) as advance:
         sim = simulate_run(outdir / "sim", detector=detector, ndither=ndither, seed=seed, flat_mismatch=mismatch,
-                           mismatch_amplitude=amplitude, overwrite=True, progress=advance)
+                           mismatch_amplitude=amplitude, overwrite=True, progress=advance,
+                           response=ResponseParams(treering_boost=DEMO_TREERING_BOOST))
     say("2/3 calibrating (F[k], s[j]) ...")
     grids = read_grids(sim.spot_files, progress=not quiet)
     cal = build_calibration(grids, stat="clipped", min_dithers=5)

@@ -1,0 +1,560 @@
+"""Radial (tree-ring) and edge profiles of the spots against the flat.
+
+Physics tells the two kinds of response variation apart (DESIGN.md, "QE or
+pixel area"). Take a charge displacement ``f(r)`` along the radius from the
+tree-ring centre (the imSim model: lateral fields move the charge a photon
+makes). Then, to first order,
+
+* the flat sees the area change: ``dq(r) = -f'(r)``;
+* a spot keeps its flux (``dt = 0``), its centroid moves by ``f(r)`` along
+  the radius, i.e. by ``-integral(dq dr)``, and its size ``T = xx + yy``
+  changes by ``dT / T = f'(r) = -dq``.
+
+A QE variation ``dq`` instead gives ``dt = dq``, and only the small
+footprint-gradient terms in the centroid (``sigma^2 dq'``) and the size
+(``sigma^2 dq'' / 2``).
+
+:func:`radial_profiles` bins, in radius about the ring centre, the
+relative throughput ``t - 1``, the radial centroid shift, the relative size
+change and (with a flat) the flat sampled over each spot's footprint, each
+relative to its own spot's mean. Large-scale trends are removed with a
+running mean over ``highpass`` pixels, so that only the ring pattern is
+left. The amplitude of each spot quantity along the flat's ring pattern is
+then a least-squares projection: ``flux`` on ``dq`` (1 for QE, 0 for area),
+``radial_shift`` on ``-integral(dq)`` (1 for area; the QE term is fitted
+alongside), ``size`` on ``-dq`` (1 for area). Errors come from a bootstrap
+over spots (all the dithers of one spot go together): the amplitudes and the
+templates are recomputed in every resample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import warnings
+
+import numpy as np
+from astropy.table import Table
+
+from .errors import InputError
+
+__all__ = ["RadialProfiles", "radial_profiles", "treering_centre", "edge_profiles", "point_quantities"]
+
+QUANTITIES = ("flux", "radial_shift", "size")
+
+
+def treering_centre(detector: str | None, flat: np.ndarray | None = None,
+                    shape: tuple[int, int] | None = None) -> tuple[float, float] | None:
+    """The tree-ring centre of a detector, CCD pixels (DM convention).
+
+    From the packaged imSim table (all 189 LSSTCam science detectors: centres
+    measured on LSSTCam data); None for other detectors, whose profiles then
+    need an explicit ``centre``. (A centre fitted from the flat alone is not
+    offered: on one CCD the ring curvature pins the direction to the centre
+    well but its distance poorly.)
+    """
+    from .treerings import known_detector, treering_model
+
+    if detector and known_detector(detector):
+        return treering_model(detector).centre
+    return None
+
+
+def _running_mean(v: np.ndarray, ok: np.ndarray, width: int) -> np.ndarray:
+    """Mean of the finite ``v[ok]`` over a centred window of ``width`` bins."""
+    w = max(int(width) | 1, 1)
+    ker = np.ones(w)
+    vv = np.where(ok & np.isfinite(v), v, 0.0)
+    nn = (ok & np.isfinite(v)).astype(float)
+    s = np.convolve(vv, ker, mode="same")
+    n = np.convolve(nn, ker, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, s / n, np.nan)
+
+
+def _centred(v: np.ndarray, ok: np.ndarray, relative: bool = False) -> np.ndarray:
+    v0 = np.where(ok, v, 0.0)
+    n = ok.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = v0.sum(axis=1, keepdims=True) / n
+        out = np.where(ok, v - m, np.nan)
+        return out / m if relative else out
+
+
+def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndarray, box: int = 32,
+                        nsigma: float = 6.0) -> None:
+    """Drop points on localised flat structure (dust donuts, defects): it is not a ring.
+
+    A point is dropped when the flat over its footprint departs from the
+    flat's median in its ``box``-pixel cell by more than ``nsigma`` times the
+    flat's noise at a point; that noise is measured from the two
+    checkerboard halves (their difference is pure noise). Real rings
+    (1e-4) are far below the threshold; a 1 % dust shadow is far above it.
+    """
+    ny, nx = img.shape
+    nby, nbx = ny // box, nx // box
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
+                           .reshape(nby, nbx, box * box), axis=2)
+        level = np.nanmean(med)
+        diff = 0.5 * (out["flat_a"] - out["flat_b"])
+        noise = 1.4826 * np.nanmedian(np.abs(diff - np.nanmedian(diff)))
+    x, y = out["x"], out["y"]
+    fin = ok & np.isfinite(x) & np.isfinite(y)
+    ib = np.clip((np.where(fin, x, 0) + 0.5) // box, 0, nbx - 1).astype(int)
+    jb = np.clip((np.where(fin, y, 0) + 0.5) // box, 0, nby - 1).astype(int)
+    # the per-spot centring cancels in the difference of two points of one spot; work on raw levels
+    raw = np.full(x.shape, np.nan)
+    from .footprint import sample_flat
+
+    raw[ok] = sample_flat(img, x[ok], y[ok], sigma=sig) / level
+    local = med[jb, ib] / level
+    bad = fin & (np.abs(raw - local) > nsigma * max(noise, 1e-12) * np.sqrt(2))
+    for key in ("flux", "dx", "dy", "size", "flat", "flat_a", "flat_b"):
+        if out.get(key) is not None:
+            out[key] = np.where(bad, np.nan, out[key])
+    out["ok"] = ok & ~bad
+    out["ndefect"] = int(bad.sum())
+
+
+def _remove_amp_levels(out: dict, detector: str) -> None:
+    """Subtract each amplifier's median from flux and flat deviations (gain steps are not rings)."""
+    from .compare import _amp_of
+
+    x, y = out["x"], out["y"]
+    fin = out["ok"] & np.isfinite(x) & np.isfinite(y)
+    amp = np.full(x.shape, "", dtype="<U3")
+    try:
+        amp[fin] = _amp_of(detector, x[fin], y[fin])
+    except (InputError, KeyError, ValueError):
+        return
+    for a in set(amp[fin].tolist()) - {""}:
+        m = amp == a
+        for key in ("flux", "flat", "flat_a", "flat_b"):
+            v = out.get(key)
+            if v is not None and np.isfinite(v[m]).any():
+                v[m] -= np.nanmedian(v[m])
+
+
+def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | None = None,
+                     detector: str | None = None) -> dict:
+    """Per-point ``t - 1``, centroid shift, relative size and flat, each relative to its spot's mean.
+
+    Parameters
+    ----------
+    grids : SpotGrids
+    flat : numpy.ndarray, optional
+        Normalised flat of the detector (sampled over each spot's Gaussian
+        footprint from its second moments).
+    used : numpy.ndarray, optional
+        Points to use.
+    detector : str, optional
+        With a flat: subtract each amplifier's median from the flux and
+        flat deviations (gain steps are not what the profiles are about).
+
+    Returns
+    -------
+    dict
+        ``x``, ``y``, ``ok``, ``flux``, ``dx``, ``dy``, ``size``, ``sigma2``
+        (footprint variance per point) and ``flat``, ``flat_a``, ``flat_b``
+        (the flat and its two checkerboard halves over each footprint, or
+        None). Points on localised flat structure (dust, defects) are
+        dropped.
+    """
+    from .calibration import estimate_scales
+
+    f = np.asarray(grids.flux, float)
+    ok = np.isfinite(f) & (f > 0) & np.isfinite(grids.x) & np.isfinite(grids.y)
+    if used is not None:
+        ok &= np.asarray(used, bool)
+    F, s, kept, _, _ = estimate_scales(np.where(ok, f, np.nan))
+    ok &= kept
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = f / (F[:, None] * s[None, :])
+    T = np.asarray(grids.xx, float) + np.asarray(grids.yy, float)
+    okT = ok & np.isfinite(T) & (T > 0)
+    dx = np.asarray(grids.dx, float)
+    dy = np.asarray(grids.dy, float)
+    okc = ok & np.isfinite(dx) & np.isfinite(dy)
+    out = {"x": grids.x, "y": grids.y, "ok": ok, "flux": _centred(t, ok, relative=True),
+           "dx": _centred(dx, okc), "dy": _centred(dy, okc), "size": _centred(T, okT, relative=True),
+           "sigma2": np.where(okT, T / 2, np.nanmedian(np.where(okT, T, np.nan)) / 2), "flat": None}
+    if flat is not None:
+        from .footprint import sample_flat
+
+        img = np.asarray(flat, float)
+        sig = np.sqrt(np.clip(out["sigma2"][ok], 0.5, 50.0))
+        # two halves of the flat on a checkerboard: independent pixel noise, the same response
+        checker = (np.add.outer(np.arange(img.shape[0]), np.arange(img.shape[1])) % 2).astype(bool)
+        for key, half in (("flat_a", checker), ("flat_b", ~checker)):
+            q = np.full(f.shape, np.nan)
+            q[ok] = sample_flat(np.where(half, img, np.nan), grids.x[ok], grids.y[ok], sigma=sig, min_weight=0.2)
+            okq = ok & np.isfinite(q) & (q > 0)
+            out[key] = _centred(q, okq, relative=True)
+        out["flat"] = 0.5 * (out["flat_a"] + out["flat_b"])
+        _mask_local_defects(out, img, sig, ok)
+        if detector:
+            _remove_amp_levels(out, detector)
+    return out
+
+
+@dataclass
+class RadialProfiles:
+    """Binned profiles of the spot quantities and the flat about a centre (or an edge).
+
+    Attributes
+    ----------
+    kind : str
+        ``"radial"`` (about ``centre``) or ``"edge"`` (against the distance
+        to the nearest CCD edge).
+    centre : tuple of float or None
+    r : numpy.ndarray
+        Bin centres, pixels.
+    n : numpy.ndarray
+        Points per bin.
+    values, errors : dict
+        ``quantity -> (nbin,)`` profile (high-passed for ``radial``) and its
+        bootstrap error; quantities ``flux``, ``radial_shift``, ``size`` and
+        ``flat`` (when a flat was given).
+    boot : dict
+        ``quantity -> (nboot, nbin)`` resampled profiles.
+    amplitudes : dict
+        ``quantity -> (amplitude, error)`` along the flat's pattern (see the
+        module notes); empty without a flat.
+    flat_snr : float
+        Significance of the flat's own pattern in these bins: the cross
+        power of the two checkerboard halves of the flat, against a null in
+        which one half is shifted along the profile (in units of the null's
+        spread); the feature counts as detected in the flat above 5.
+    sigma2 : float
+        Median footprint variance (pixel^2), for the QE leakage terms.
+    """
+
+    kind: str
+    centre: tuple | None
+    r: np.ndarray = field(repr=False)
+    n: np.ndarray = field(repr=False)
+    values: dict = field(repr=False)
+    errors: dict = field(repr=False)
+    boot: dict = field(repr=False)
+    amplitudes: dict = field(default_factory=dict)
+    flat_snr: float = float("nan")
+    sigma2: float = 5.0
+    binwidth: float = 4.0
+
+    def table(self) -> Table:
+        """The profiles as a table (one row per bin)."""
+        tab = Table({"r": self.r, "npoint": self.n})
+        tab["r"].unit = "pix"
+        for q in list(QUANTITIES) + (["flat"] if "flat" in self.values else []):
+            if q not in self.values:
+                continue
+            tab[q] = self.values[q]
+            tab[f"{q}_err"] = self.errors[q]
+            if q == "radial_shift":
+                tab[q].unit = tab[f"{q}_err"].unit = "pix"
+        tab.meta.update({"KIND": self.kind, "BINWIDTH": self.binwidth, "SIGMA2": self.sigma2,
+                         "FLAT_SNR": self.flat_snr})
+        if self.centre is not None:
+            tab.meta.update({"CENTREX": float(self.centre[0]), "CENTREY": float(self.centre[1])})
+        for q, (a, e) in self.amplitudes.items():
+            tab.meta[f"AMP_{q.upper()}"] = a
+            tab.meta[f"AMP_{q.upper()}_ERR"] = e
+        return tab
+
+    def amplitude_table(self) -> Table:
+        """One row per quantity: its amplitude along the flat's pattern, with error."""
+        rows = [{"feature": "treering" if self.kind == "radial" else "edge", "quantity": q,
+                 "template": _TEMPLATE_NAMES[q], "amplitude": a, "amplitude_err": e}
+                for q, (a, e) in self.amplitudes.items()]
+        return Table(rows=rows) if rows else Table()
+
+    def template(self, quantity: str) -> np.ndarray | None:
+        """The flat's prediction for ``quantity`` if the whole flat signal were pixel area."""
+        if "flat" not in self.values:
+            return None
+        q = np.where(np.isfinite(self.values["flat"]), self.values["flat"], 0.0)
+        ops = _operators(q.size, self.binwidth, self.kind, self.sigma2, None)
+        return ops[quantity][0] @ q
+
+
+_TEMPLATE_NAMES = {"flux": "flat", "radial_shift": "-integral(flat)", "size": "-flat",
+                   "area": "centroid and size combined"}
+
+
+def _smooth(p: np.ndarray, width: int) -> np.ndarray:
+    """Local quadratic fit over ``width`` bins (Savitzky-Golay, exact at the ends); NaN bins interpolated."""
+    from scipy.signal import savgol_filter
+
+    p = np.asarray(p, float)
+    ok = np.isfinite(p)
+    if ok.sum() < 3:
+        return np.full(p.shape, np.nan)
+    i = np.arange(p.size)
+    filled = np.interp(i, i[ok], p[ok])
+    w = min(max(int(width) | 1, 5), (p.size // 2) * 2 - 1 if p.size % 2 == 0 else p.size)
+    if w < 5:
+        return np.full(p.shape, np.nanmean(p))
+    return savgol_filter(filled, w, 2, mode="interp")
+
+
+def _highpass(p: np.ndarray, width: int) -> np.ndarray:
+    """``p`` minus its local quadratic trend (NaN bins stay NaN)."""
+    return np.where(np.isfinite(p), p - _smooth(p, width), np.nan)
+
+
+def _highpass_matrix(nb: int, width: int | None) -> np.ndarray:
+    """The (linear) high-pass of :func:`_highpass` as a matrix (identity for ``width=None``)."""
+    eye = np.eye(nb)
+    if width is None:
+        return eye
+    from scipy.signal import savgol_filter
+
+    w = min(max(int(width) | 1, 5), nb if nb % 2 else nb - 1)
+    if w < 5:
+        return eye - 1.0 / nb
+    return eye - savgol_filter(eye, w, 2, mode="interp", axis=0)
+
+
+def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | None) -> dict:
+    """Linear maps from the flat's (high-passed) profile to each quantity's (area, QE-leakage) templates."""
+    H = _highpass_matrix(nb, hp_bins if kind == "radial" else None)
+    if kind == "radial":
+        integ = H @ (-np.tril(np.ones((nb, nb))) * width)  # f = -integral(dq), high-passed like the data
+    else:
+        integ = np.triu(np.ones((nb, nb))) * width  # the displacement vanishes deep inside
+    D1 = np.gradient(np.eye(nb), width, axis=0)
+    D2 = D1 @ D1
+    eye = np.eye(nb)
+    return {"flux": (eye, None), "radial_shift": (integ, sigma2 * D1), "size": (-eye, 0.5 * sigma2 * D2), "H": H}
+
+
+def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, ops: tuple, const: bool) -> float:
+    """Amplitude of a spot quantity along ``L Q``, from two independent halves of the sensor.
+
+    ``v0, Q0`` and ``v1, Q1`` are the spot quantity's and the flat's
+    profiles over two disjoint sets of pixels (two azimuthal halves about
+    the ring centre). The rings are common to both; the flat's noise, the
+    PRNU, dust and every other local structure are not. Cross products
+    (template of one half against data of the other) therefore keep only
+    the azimuthally coherent pattern, with no noise bias (errors in
+    variables) and no leakage of local QE structure.
+    """
+    mats = [m for m in ops if m is not None]
+    ok = np.isfinite(v0) & np.isfinite(v1) & np.isfinite(Q0) & np.isfinite(Q1)
+    if ok.sum() < 5:
+        return float("nan")
+    X = []
+    for Q in (Q0, Q1):
+        z = np.where(np.isfinite(Q), Q, 0.0)
+        cols = [m @ z for m in mats] + ([np.ones(z.size)] if const else [])
+        X.append(np.stack(cols, axis=1)[ok])
+    G = 0.5 * (X[0].T @ X[1] + X[1].T @ X[0])
+    rhs = 0.5 * (X[0].T @ v1[ok] + X[1].T @ v0[ok])
+    try:
+        sol = np.linalg.solve(G, rhs)
+    except np.linalg.LinAlgError:
+        return float("nan")
+    return float(sol[0])
+
+
+def _profiles_from_points(coord, values: dict, spot: np.ndarray, edges: np.ndarray, counts: np.ndarray | None,
+                          _cache: dict | None = None):
+    """Bin means of each quantity; ``counts`` weights spots (bootstrap). ``_cache`` keeps the binning."""
+    nb = edges.size - 1
+    if _cache is not None and "idx" in _cache:
+        idx, sel = _cache["idx"], _cache["sel"]
+    else:
+        idx = np.searchsorted(edges, coord, side="right") - 1
+        inb = (idx >= 0) & (idx < nb)
+        sel = {q: np.flatnonzero(inb & np.isfinite(v)) for q, v in values.items()}
+        if _cache is not None:
+            _cache.update(idx=idx, sel=sel, vals={q: values[q][sel[q]] for q in values},
+                          spot={q: spot[sel[q]] for q in values}, bins={q: idx[sel[q]] for q in values})
+    out, nout = {}, None
+    for q in values:
+        if _cache is not None:
+            b, v, sk = _cache["bins"][q], _cache["vals"][q], _cache["spot"][q]
+        else:
+            b, v, sk = idx[sel[q]], values[q][sel[q]], spot[sel[q]]
+        w = None if counts is None else counts[sk].astype(float)
+        n = np.bincount(b, weights=w, minlength=nb)
+        sm = np.bincount(b, weights=v if w is None else w * v, minlength=nb)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[q] = np.where(n > 0, sm / n, np.nan)
+        if nout is None:
+            nout = n
+    return out, nout
+
+
+def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, width, centre, half):
+    """Profiles (all points) and amplitudes (cross products of the two ``half`` groups), with bootstrap."""
+    from .resampling import bootstrap_counts
+
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    nb = edges.size - 1
+    ops = _operators(nb, width, kind, sigma2, hp_bins)
+    groups = [half == 0, half == 1]
+
+    def hp(p):
+        if kind != "radial":
+            tail = p[-max(len(p) // 4, 1):]
+            ref = np.nanmean(tail) if np.isfinite(tail).any() else 0.0
+            return p - ref
+        return _highpass(p, hp_bins)
+
+    caches = [{}, {}, {}]
+    subsets = [(coord[g], {q: v[g] for q, v in vals.items()}, spot[g]) for g in groups]
+
+    def profiles(counts):
+        allp, n = _profiles_from_points(coord, vals, spot, edges, counts, caches[0])
+        parts = []
+        for (cg, vg, sg), cache in zip(subsets, caches[1:]):
+            pg, _ = _profiles_from_points(cg, vg, sg, edges, counts, cache)
+            parts.append({q: hp(p) for q, p in pg.items()})
+        return {q: hp(p) for q, p in allp.items()}, parts, n
+
+    def amplitudes(parts):
+        if "flat" not in parts[0]:
+            return {}, float("nan")
+        amps = {q: _amplitude(parts[0][q], parts[1][q], parts[0]["flat"], parts[1]["flat"], ops[q],
+                              const=(q == "radial_shift")) for q in QUANTITIES if q in parts[0]}
+        a, b = parts[0]["flat"], parts[1]["flat"]
+        ok = np.isfinite(a) & np.isfinite(b)
+        return amps, float(np.sum(a[ok] * b[ok]))
+
+    prof, parts, n = profiles(None)
+    amp0, pow0 = amplitudes(parts)
+    counts = bootstrap_counts(nspot, int(nboot), rng) if nboot > 0 else np.zeros((0, nspot))
+    boot = {q: np.empty((counts.shape[0], nb)) for q in prof}
+    amps_boot = {q: [] for q in amp0}
+    for b in range(counts.shape[0]):
+        pb, partsb, _ = profiles(counts[b])
+        for q in pb:
+            boot[q][b] = pb[q]
+        for q, a in amplitudes(partsb)[0].items():
+            amps_boot[q].append(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # empty bins: NaN errors, not a warning
+        errors = {q: (np.nanstd(boot[q], axis=0, ddof=1) if counts.shape[0] > 1 else np.full(nb, np.nan))
+                  for q in prof}
+    amps = {q: (a, float(np.nanstd(amps_boot[q], ddof=1)) if len(amps_boot[q]) > 1 else float("nan"))
+            for q, a in amp0.items()}
+    if "radial_shift" in amps and "size" in amps and len(amps_boot["size"]) > 2:
+        # centroid and size both measure the area part: combine them, inverse-variance weighted, the
+        # weights fixed from the bootstrap and the error from the same replicates (their correlation kept)
+        (ac, ec), (az, ez) = amps["radial_shift"], amps["size"]
+        if np.isfinite(ec * ez) and ec > 0 and ez > 0:
+            wc, wz = 1 / ec ** 2, 1 / ez ** 2
+            comb = (wc * np.asarray(amps_boot["radial_shift"]) + wz * np.asarray(amps_boot["size"])) / (wc + wz)
+            amps["area"] = (float((wc * ac + wz * az) / (wc + wz)), float(np.nanstd(comb, ddof=1)))
+    # significance of the flat's ring pattern: the cross power of the two halves' flat profiles against
+    # a null that shifts one half along the profile (same noise, pattern no longer aligned)
+    snr = float("nan")
+    if "flat" in parts[0] and np.isfinite(pow0):
+        a, b = np.nan_to_num(parts[0]["flat"]), np.nan_to_num(parts[1]["flat"])
+        lags = rng.integers(max(nb // 10, 1), max(nb - nb // 10, 2), size=200)
+        null = np.array([np.sum(a * np.roll(b, int(k))) for k in lags])
+        snr = float((pow0 - null.mean()) / null.std(ddof=1)) if null.std() > 0 else float("nan")
+    for q in ("flat_a", "flat_b"):
+        prof.pop(q, None)
+        errors.pop(q, None)
+        boot.pop(q, None)
+    r = 0.5 * (edges[1:] + edges[:-1])
+    return RadialProfiles(kind=kind, centre=centre, r=r, n=n, values=prof, errors=errors, boot=boot,
+                          amplitudes=amps, flat_snr=snr, sigma2=sigma2, binwidth=width)
+
+
+def radial_profiles(grids, centre: tuple[float, float], flat: np.ndarray | None = None,
+                    used: np.ndarray | None = None, *, binwidth: float = 4.0, highpass: float = 160.0,
+                    nboot: int = 200, seed: int | np.random.Generator = 0,
+                    points: dict | None = None) -> RadialProfiles:
+    """Radial profiles of flux, radial centroid shift, size (and the flat) about ``centre``.
+
+    Parameters
+    ----------
+    grids : SpotGrids
+        Stacked spot data (centroid shifts ``dx, dy`` from the fitted grid,
+        second moments ``xx, yy``).
+    centre : tuple of float
+        Ring centre ``(x, y)``, CCD pixels (:func:`treering_centre`).
+    flat : numpy.ndarray, optional
+        Normalised flat: adds its profile and the amplitudes along it.
+    used : numpy.ndarray, optional
+        Points to use.
+    binwidth : float
+        Radial bin, pixels (well below the shortest ring wavelength, ~20 px).
+    highpass : float
+        Width (pixels) of the running mean removed from every profile.
+    nboot : int
+        Bootstrap resamples over spots.
+    seed : int or numpy.random.Generator
+    points : dict, optional
+        Precomputed :func:`point_quantities`.
+
+    Returns
+    -------
+    RadialProfiles
+    """
+    if binwidth <= 0:
+        raise InputError(f"radial bin width must be positive, not {binwidth}")
+    pq = points or point_quantities(grids, flat, used)
+    ok = pq["ok"]
+    cx, cy = centre
+    ex, ey = pq["x"] - cx, pq["y"] - cy
+    r = np.hypot(ex, ey)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nx_, ny_ = ex / r, ey / r
+    vals = {"flux": pq["flux"], "radial_shift": pq["dx"] * nx_ + pq["dy"] * ny_, "size": pq["size"]}
+    if pq.get("flat") is not None:
+        vals["flat"] = pq["flat"]
+    kk = np.broadcast_to(np.arange(ok.shape[0])[:, None], ok.shape)
+    sel = ok & np.isfinite(r)
+    if sel.sum() < 10:
+        raise InputError("too few spot measurements for radial profiles")
+    lo, hi = np.floor(r[sel].min()), np.ceil(r[sel].max()) + binwidth
+    edges = np.arange(lo, hi + binwidth, binwidth)
+    v = {q: a[sel] for q, a in vals.items()}
+    sigma2 = float(np.nanmedian(pq["sigma2"][sel]))
+    # two azimuthal halves about the centre: disjoint pixels, the same rings
+    phi = np.arctan2(ey[sel], ex[sel])
+    phi = np.mod(phi - np.angle(np.mean(np.exp(1j * phi))) + np.pi, 2 * np.pi)
+    half = (phi > np.median(phi)).astype(int)
+    return _build("radial", r[sel], v, kk[sel], ok.shape[0], edges, nboot, seed,
+                  max(int(round(highpass / binwidth)), 3), sigma2, binwidth, (float(cx), float(cy)), half)
+
+
+def edge_profiles(grids, shape: tuple[int, int], flat: np.ndarray | None = None, used: np.ndarray | None = None,
+                  *, binwidth: float = 2.0, depth: float = 120.0, nboot: int = 200,
+                  seed: int | np.random.Generator = 0, points: dict | None = None) -> RadialProfiles:
+    """Profiles against the distance to the nearest CCD edge (the edge roll-off).
+
+    The centroid shift is taken along the inward normal of the nearest
+    edge; the profiles are relative to the deepest quarter of the bins.
+    """
+    pq = points or point_quantities(grids, flat, used)
+    ok = pq["ok"]
+    ny, nx = shape
+    x, y = pq["x"], pq["y"]
+    d = np.stack([x, nx - 1 - x, y, ny - 1 - y])
+    which = np.argmin(np.where(np.isfinite(d), d, np.inf), axis=0)
+    dist = np.take_along_axis(d, which[None], axis=0)[0]
+    normal_x = np.choose(which, [1.0, -1.0, 0.0, 0.0])
+    normal_y = np.choose(which, [0.0, 0.0, 1.0, -1.0])
+    vals = {"flux": pq["flux"], "radial_shift": pq["dx"] * normal_x + pq["dy"] * normal_y, "size": pq["size"]}
+    if pq.get("flat") is not None:
+        vals["flat"] = pq["flat"]
+    kk = np.broadcast_to(np.arange(ok.shape[0])[:, None], ok.shape)
+    sel = ok & np.isfinite(dist) & (dist < depth)
+    if sel.sum() < 10:
+        raise InputError("too few spot measurements near the CCD edges for edge profiles")
+    edges = np.arange(0.0, depth + binwidth, binwidth)
+    v = {q: a[sel] for q, a in vals.items()}
+    sigma2 = float(np.nanmedian(pq["sigma2"][sel]))
+    # two halves: the x edges (left, right) and the y edges (bottom, top)
+    half = (which[sel] >= 2).astype(int)
+    if min(half.sum(), (1 - half).sum()) < 10:
+        half = (which[sel] % 2).astype(int)  # only one kind of edge: its two sides
+    return _build("edge", dist[sel], v, kk[sel], ok.shape[0], edges, nboot, seed, None,
+                  sigma2, binwidth, None, half)
