@@ -168,13 +168,9 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
                     t.write(tmp, format="ascii.ecsv")
                 files.append(qpath)
                 if figure:
-                    from ..qcplot import plot_qc
+                    from ..qcplot import write_qc_figure
 
-                    fpath = out.with_name(f"{out.stem}_qc.png")
-                    fig = plot_qc(cal.qc, det)
-                    with atomic_path(fpath) as tmp:
-                        fig.savefig(tmp, dpi=90)
-                    files.append(fpath)
+                    files.append(write_qc_figure(cal.qc, out.with_name(f"{out.stem}_qc.png"), det))
             written_all.append((det, cal, files))
     return written_all
 
