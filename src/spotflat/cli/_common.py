@@ -6,9 +6,7 @@ import math
 
 import click
 
-from ..progress import progress_iter as progress
-
-__all__ = ["echo_summary", "csv_option", "progress", "POSITIVE", "explain_groups"]
+__all__ = ["echo_summary", "csv_option", "POSITIVE", "explain_groups"]
 
 
 def echo_summary(title: str, rows: list[tuple[str, object]]) -> None:
