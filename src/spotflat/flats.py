@@ -313,10 +313,9 @@ def _check_header_detector(header: fits.Header, detector, path) -> None:
     if detector not in cam:
         return
     named = detector_from_header(header)
-    for key in ("DETNAME", "DETECTOR"):
-        value = header.get(key)
-        if named is None and isinstance(value, str) and value.strip() in cam:
-            named = value.strip()
+    value = header.get("DETNAME")  # detector_from_header has already tried RAFTBAY/CCDSLOT and DETECTOR
+    if named is None and isinstance(value, str) and value.strip() in cam:
+        named = value.strip()
     if named is not None and cam.detector(named).name != cam.detector(detector).name:
         raise InputError(f"flat header names detector {named}, the spot data are {detector}", path=path,
                          expected=f"the flat of {detector}")
