@@ -606,14 +606,20 @@ def test_correlate_outputs_all_or_nothing(tmp_path, base):
     _check_error(out, ["results.fits"], before, [tmp_path])
 
 
-@pytest.mark.parametrize("target", ["/dev/null", "file", "dangling", ""])
-def test_correlate_bad_outdir(tmp_path, base, target):
+def _bad_outdir(tmp_path, target):
+    """``"file"`` and ``"dangling"`` made real in ``tmp_path`` (a file, a dangling link); others as given."""
     if target == "file":
         target = tmp_path / "afile"
         target.write_text("x")
     elif target == "dangling":
         target = tmp_path / "dl"
         os.symlink(tmp_path / "gone", target)
+    return target
+
+
+@pytest.mark.parametrize("target", ["/dev/null", "file", "dangling", ""])
+def test_correlate_bad_outdir(tmp_path, base, target):
+    target = _bad_outdir(tmp_path, target)
     before = snapshot(tmp_path)
     out = run_cli(["correlate", base["calib"], "--flat", base["flat"], "-o", target, "--nboot", "5",
                    "--nnull", "5", "-q", "--no-figures"], cwd=tmp_path)
@@ -692,12 +698,7 @@ def test_coords_huge_values_are_off_the_camera_without_warnings():
 
 @pytest.mark.parametrize("target", ["", "/dev/null", "file", "dangling"])
 def test_simulate_bad_outdir(tmp_path, target):
-    if target == "file":
-        target = tmp_path / "afile"
-        target.write_text("x")
-    elif target == "dangling":
-        target = tmp_path / "dl"
-        os.symlink(tmp_path / "gone", target)
+    target = _bad_outdir(tmp_path, target)
     before = snapshot(tmp_path)
     out = run_cli(["simulate", target, "--ndither", "2", "-q"], cwd=tmp_path)
     _check_error(out, [str(target), "OUTDIR"], before, [tmp_path])
