@@ -460,7 +460,7 @@ def _same_path(a: Path, b: Path) -> bool:
 
 # --------------------------------------------------------------------------- provenance
 
-_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) not in "%'")
+_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")  # printable ASCII but the escape
 
 
 def fits_safe(value: object) -> object:
@@ -480,7 +480,7 @@ def fits_safe(value: object) -> object:
         return value
     if all(32 <= ord(c) < 127 for c in value) and "%" not in value:
         return value
-    return urllib.parse.quote(value, safe=_SAFE + "'")
+    return urllib.parse.quote(value, safe=_SAFE)
 
 
 def fits_unescape(value: object) -> object:
