@@ -44,8 +44,7 @@ __all__ = ["RadialProfiles", "radial_profiles", "treering_centre", "edge_profile
 QUANTITIES = ("flux", "radial_shift", "size")
 
 
-def treering_centre(detector: str | None, flat: np.ndarray | None = None,
-                    shape: tuple[int, int] | None = None) -> tuple[float, float] | None:
+def treering_centre(detector: str | None) -> tuple[float, float] | None:
     """The tree-ring centre of a detector, CCD pixels (DM convention).
 
     From the packaged imSim table (all 189 LSSTCam science detectors: centres

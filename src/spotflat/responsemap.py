@@ -136,7 +136,7 @@ def run_response(spotdata, calibration=None, flat=None, *, detector: str | None 
     try:
         from .profiles import radial_profiles, treering_centre
 
-        centre = treering_centre(det, flat_img, shape=shape)
+        centre = treering_centre(det)
         if centre is not None:
             prof = radial_profiles(grids, centre, flat=flat_img, used=star.used, nboot=nboot, seed=seed)
     except ImportError:  # pragma: no cover - profiles is part of the package
