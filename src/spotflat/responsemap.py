@@ -91,6 +91,7 @@ def run_response(spotdata, calibration=None, flat=None, *, detector: str | None 
     """
     from .calibration import Calibration, check_matches, read_calibration
     from .grids import SpotGrids, read_grids
+    from .profiles import radial_profiles, treering_centre
 
     calib = None
     if calibration is not None:
@@ -131,14 +132,9 @@ def run_response(spotdata, calibration=None, flat=None, *, detector: str | None 
                           grid_origin=(np.asarray(e["x0"], float), np.asarray(e["y0"], float)))
     cmp = compare_with_flat(star, flat_img, seed=seed) if flat_img is not None else None
     prof = None
-    try:
-        from .profiles import radial_profiles, treering_centre
-
-        centre = treering_centre(det)
-        if centre is not None:
-            prof = radial_profiles(grids, centre, flat=flat_img, used=star.used, nboot=nboot, seed=seed)
-    except ImportError:  # pragma: no cover - profiles is part of the package
-        prof = None
+    centre = treering_centre(det)
+    if centre is not None:
+        prof = radial_profiles(grids, centre, flat=flat_img, used=star.used, nboot=nboot, seed=seed)
     return ResponseResult(star=star, flat_comparison=cmp, profiles=prof, detector=det)
 
 
