@@ -18,13 +18,14 @@ footprint-gradient terms in the centroid (``sigma^2 dq'``) and the size
 relative throughput ``t - 1``, the radial centroid shift, the relative size
 change and (with a flat) the flat sampled over each spot's footprint, each
 relative to its own spot's mean. Large-scale trends are removed with a
-running mean over ``highpass`` pixels, so that only the ring pattern is
-left. The amplitude of each spot quantity along the flat's ring pattern is
-then a least-squares projection: ``flux`` on ``dq`` (1 for QE, 0 for area),
-``radial_shift`` on ``-integral(dq)`` (1 for area; the QE term is fitted
-alongside), ``size`` on ``-dq`` (1 for area). Errors come from a bootstrap
-over spots (all the dithers of one spot go together): the amplitudes and the
-templates are recomputed in every resample.
+local quadratic (Savitzky-Golay) fit over ``highpass`` pixels, so that
+only the ring pattern is left. The amplitude of each spot quantity along
+the flat's ring pattern is then a least-squares projection: ``flux`` on
+``dq`` (1 for QE, 0 for area), ``radial_shift`` on ``-integral(dq)`` (1 for
+area; the QE term is fitted alongside), ``size`` on ``-dq`` (1 for area).
+Errors come from a bootstrap over spots (all the dithers of one spot go
+together): the amplitudes and the templates are recomputed in every
+resample.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ __all__ = ["RadialProfiles", "radial_profiles", "treering_centre", "edge_profile
 QUANTITIES = ("flux", "radial_shift", "size")
 
 
-def treering_centre(detector: str | None, flat: np.ndarray | None = None,
-                    shape: tuple[int, int] | None = None) -> tuple[float, float] | None:
+def treering_centre(detector: str | None) -> tuple[float, float] | None:
     """The tree-ring centre of a detector, CCD pixels (DM convention).
 
     From the packaged imSim table (all 189 LSSTCam science detectors: centres
@@ -58,18 +58,6 @@ def treering_centre(detector: str | None, flat: np.ndarray | None = None,
     if detector and known_detector(detector):
         return treering_model(detector).centre
     return None
-
-
-def _running_mean(v: np.ndarray, ok: np.ndarray, width: int) -> np.ndarray:
-    """Mean of the finite ``v[ok]`` over a centred window of ``width`` bins."""
-    w = max(int(width) | 1, 1)
-    ker = np.ones(w)
-    vv = np.where(ok & np.isfinite(v), v, 0.0)
-    nn = (ok & np.isfinite(v)).astype(float)
-    s = np.convolve(vv, ker, mode="same")
-    n = np.convolve(nn, ker, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, s / n, np.nan)
 
 
 def _centred(v: np.ndarray, ok: np.ndarray, relative: bool = False) -> np.ndarray:
@@ -486,7 +474,7 @@ def radial_profiles(grids, centre: tuple[float, float], flat: np.ndarray | None 
     binwidth : float
         Radial bin, pixels (well below the shortest ring wavelength, ~20 px).
     highpass : float
-        Width (pixels) of the running mean removed from every profile.
+        Width (pixels) of the local quadratic trend removed from every profile.
     nboot : int
         Bootstrap resamples over spots.
     seed : int or numpy.random.Generator

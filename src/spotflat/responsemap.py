@@ -21,8 +21,6 @@ figures, all staged and moved into place together.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import InputError
-from .fileio import provenance_cards
+from .fileio import atomic_path, make_output_dir, provenance_cards, staged_outputs
 from .starflat import FlatComparison, StarFlat, compare_with_flat, solve_starflat
 
 __all__ = ["ResponseResult", "run_response", "write_response"]
@@ -93,6 +91,7 @@ def run_response(spotdata, calibration=None, flat=None, *, detector: str | None 
     """
     from .calibration import Calibration, check_matches, read_calibration
     from .grids import SpotGrids, read_grids
+    from .profiles import radial_profiles, treering_centre
 
     calib = None
     if calibration is not None:
@@ -133,14 +132,9 @@ def run_response(spotdata, calibration=None, flat=None, *, detector: str | None 
                           grid_origin=(np.asarray(e["x0"], float), np.asarray(e["y0"], float)))
     cmp = compare_with_flat(star, flat_img, seed=seed) if flat_img is not None else None
     prof = None
-    try:
-        from .profiles import radial_profiles, treering_centre
-
-        centre = treering_centre(det, flat_img, shape=shape)
-        if centre is not None:
-            prof = radial_profiles(grids, centre, flat=flat_img, used=star.used, nboot=nboot, seed=seed)
-    except ImportError:  # pragma: no cover - profiles is part of the package
-        prof = None
+    centre = treering_centre(det)
+    if centre is not None:
+        prof = radial_profiles(grids, centre, flat=flat_img, used=star.used, nboot=nboot, seed=seed)
     return ResponseResult(star=star, flat_comparison=cmp, profiles=prof, detector=det)
 
 
@@ -198,41 +192,32 @@ def response_hdulist(res: ResponseResult) -> fits.HDUList:
 def write_response(res: ResponseResult, outdir: str | os.PathLike, figures: bool = True) -> list[Path]:
     """Write ``response.fits``, ``profiles.ecsv`` and figures into ``outdir``, all at once.
 
-    Every file is written into a staging folder inside ``outdir`` and renamed
+    Every file is staged (:func:`spotflat.fileio.staged_outputs`) and renamed
     into place only when all of them succeeded.
 
     Returns
     -------
     list of pathlib.Path
     """
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError("output path exists and is not a directory", path=outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    if not os.access(outdir, os.W_OK):
-        raise InputError("output directory is not writable", path=outdir)
-    stage = Path(tempfile.mkdtemp(prefix=".spotflat-response-", dir=outdir))
-    try:
-        names = ["response.fits"]
-        response_hdulist(res).writeto(stage / "response.fits")
+    with staged_outputs():
+        outdir = make_output_dir(outdir)
+        final = [outdir / "response.fits"]
+        with atomic_path(final[0]) as tmp:
+            response_hdulist(res).writeto(tmp)
         if res.profiles is not None:
             tab = res.profiles.table()
             tab.meta.update(provenance_cards(DETECTOR=res.detector))
-            tab.write(stage / "profiles.ecsv", format="ascii.ecsv")
-            names.append("profiles.ecsv")
+            tables = [("profiles.ecsv", tab)]
             amp = res.profiles.amplitude_table()
             if len(amp):
-                amp.write(stage / "profile_amplitudes.ecsv", format="ascii.ecsv")
-                names.append("profile_amplitudes.ecsv")
+                tables.append(("profile_amplitudes.ecsv", amp))
+            for name, t in tables:
+                with atomic_path(outdir / name) as tmp:
+                    t.write(tmp, format="ascii.ecsv")
+                final.append(outdir / name)
         if figures:
             from .responseplots import response_figures
 
-            names += response_figures(res, stage)
-        final = []
-        for n in names:
-            os.replace(stage / n, outdir / n)
-            final.append(outdir / n)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            final += [outdir / n for n in response_figures(res, outdir)]
     res.files = final
     return final

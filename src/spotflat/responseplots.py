@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import atomic_path
+
 __all__ = ["response_figures", "plot_map", "plot_profiles"]
 
 
@@ -16,6 +18,11 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:  # staged with the other outputs of the run
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
 
 
 def plot_map(ax, image: np.ndarray, binsize: int, title: str, label: str = "", symmetric: bool = True):
@@ -62,7 +69,7 @@ def response_figures(res, outdir) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 5))
     plot_map(ax, star.response, star.binsize,
              f"{res.detector or 'detector'}: response from the spots ({star.binsize}-px bins)", "R")
-    fig.savefig(outdir / "response_map.png", dpi=110, bbox_inches="tight")
+    _save(fig, outdir / "response_map.png")
     plt.close(fig)
     names.append("response_map.png")
     if res.flat_comparison is not None:
@@ -71,13 +78,13 @@ def response_figures(res, outdir) -> list[str]:
         plot_map(axes[0], np.where(star.constrained, c.flat_map, np.nan), star.binsize, "flat, binned the same way")
         plot_map(axes[1], c.ratio, star.binsize,
                  f"response / flat (r = {c.r:.3f} +- {c.r_err:.3f}, slope {c.slope:.3f} +- {c.slope_err:.3f})")
-        fig.savefig(outdir / "response_vs_flat.png", dpi=110, bbox_inches="tight")
+        _save(fig, outdir / "response_vs_flat.png")
         plt.close(fig)
         names.append("response_vs_flat.png")
     if res.profiles is not None:
         fig = plt.figure(figsize=(8, 7))
         plot_profiles(fig, res.profiles)
-        fig.savefig(outdir / "radial_profiles.png", dpi=110, bbox_inches="tight")
+        _save(fig, outdir / "radial_profiles.png")
         plt.close(fig)
         names.append("radial_profiles.png")
     return names

@@ -271,6 +271,10 @@ class SpotSimulation:
         Boolean ``(nspot, nexp)`` masks.
     params : dict
         The parameters used.
+    treering_shift : dict or None
+        With pixel-area tree rings (``displacement``): ``f`` (footprint-mean
+        radial charge displacement, pixels), ``fprime`` and ``r`` at every
+        point; None otherwise.
     """
 
     grid: Table = field(repr=False)
@@ -297,6 +301,7 @@ class SpotSimulation:
     missing: np.ndarray = field(repr=False)
     outlier: np.ndarray = field(repr=False)
     params: dict = field(default_factory=dict, repr=False)
+    treering_shift: dict | None = field(default=None, repr=False)
 
     @property
     def nspot(self) -> int:
@@ -399,7 +404,7 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
         by the model's ``f(r)``; the flux is unchanged, the centroid moves by
         the footprint average of ``f`` and the second moments change by
         ``J Sigma + Sigma J`` (:func:`spotflat.treerings.displacement_at`).
-        The shifts are stored in ``params["treering_shift"]``.
+        The shifts are stored in ``treering_shift``.
 
     Returns
     -------
@@ -507,13 +512,12 @@ def simulate_spots(response: np.ndarray, *, ndither: int = 50, seed: int | np.ra
                   vignetting=vignetting, drift=drift, moments=tuple(moments), moment_spread=moment_spread,
                   distortion=distortion, read_noise=read_noise, missing_fraction=missing_fraction,
                   outlier_fraction=outlier_fraction)
-    if tr_shift is not None:
-        params["treering_shift"] = {"f": tr_shift["f"], "fprime": tr_shift["fprime"], "r": tr_shift["r"]}
     return SpotSimulation(
         grid=grid, ncols=ncols, nrows=nrows, F=F, s=s, gx=gx, gy=gy, x_true=x_true, y_true=y_true,
         xx_true=xx_t, yy_true=yy_t, xy_true=xy_t, resp=resp, flux_true=flux_true,
         flux=meas_flux * nan, flux_err=ferr * (noise if noise > 0 else 1.0) * nan, x=cx * nan, y=cy * nan,
-        xx=mxx * nan, yy=myy * nan, xy=mxy * nan, missing=missing, outlier=outlier, params=params)
+        xx=mxx * nan, yy=myy * nan, xy=mxy * nan, missing=missing, outlier=outlier, params=params,
+        treering_shift=None if tr_shift is None else {k: tr_shift[k] for k in ("f", "fprime", "r")})
 
 
 # --------------------------------------------------------------------------
@@ -1022,8 +1026,8 @@ def simulate_data(detector: str = "R22_S11", ndither: int | None = None, seed: i
                   illumination=illumination, illum_angle=ill_angle, flat_level=flat_level,
                   treering_center=tuple(info["treering_center"]), treering_kind=tr_kind,
                   treering_model=rparams.resolved(vendor).treering_model,
-                  response=info["params"], spots={k: v for k, v in sim.params.items() if k != "treering_shift"})
-    shift = sim.params.get("treering_shift")
+                  response=info["params"], spots=sim.params)
+    shift = sim.treering_shift
     return Simulation(
         detector=detector, vendor=vendor, flat_mismatch=flat_mismatch, spots=sim, flat=flat,
         F=F_cal, s=s_cal, resp_flat=resp_flat_pts, illum=illum_pts, t=t, t_spot=t_spot, q=q,

@@ -213,12 +213,6 @@ def _point_errors(flux: np.ndarray, flux_err: np.ndarray | None) -> tuple[np.nda
     return np.ones_like(flux, dtype=float), False
 
 
-def _amp_labels(detector: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from . import geometry
-
-    return np.asarray(geometry.amp_of_pixel(detector, x, y))
-
-
 def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.ndarray | None = None, *,
                    shape: tuple[int, int], binsize: int = 64, used: np.ndarray | None = None,
                    per_amp: bool = False, detector: str = "", clip: float = 5.0, maxclip: int = 3,
@@ -325,7 +319,9 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
     amps: list[str] = []
     if per_amp:
         amp_lab = np.full(flux.shape, "", dtype="<U3")
-        amp_lab[ok] = _amp_labels(detector, x[ok], y[ok])
+        from .compare import _amp_of
+
+        amp_lab[ok] = _amp_of(detector, x[ok], y[ok])
         ok &= amp_lab != ""
         amps = sorted(set(amp_lab[ok].tolist()))
 

@@ -138,7 +138,7 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
     rng = np.random.default_rng(seed)
     pq = point_quantities(grids, flat, used, detector=detector)
     profs = {}
-    c = centre or treering_centre(detector, flat, shape=flat.shape)
+    c = centre or treering_centre(detector)
     if c is not None:
         try:
             profs["treering"] = radial_profiles(grids, c, flat, used, nboot=nboot, seed=rng, points=pq)
