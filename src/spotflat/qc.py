@@ -412,8 +412,6 @@ def _peak(grids: SpotGrids) -> np.ndarray:
 
 def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: np.ndarray,
                      min_effect: float = 0.002, nsig: float = 5.0):
-    from .calibration import _nanmedian
-
     """Per exposure: slopes of log t and log(size / spot's mean size) on log peak; flags.
 
     Saturated spots lose flux at the top of the peak range (t falls with
@@ -422,6 +420,8 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: n
     across the grid do not count. Flag: slope significant at ``nsig`` and
     larger than ``min_effect`` per e-fold of peak.
     """
+    from .calibration import _nanmedian
+
     peak = _peak(grids)
     with np.errstate(invalid="ignore", divide="ignore"):
         lp = np.log(peak)
