@@ -216,7 +216,7 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
         ``log f - log F`` under it (after refitting the exposure's scale) and
         that of the labels as given.
     """
-    from .calibration import _nanmedian
+    from .calibration import _nanmedian, _robust_sigma
 
     k = np.flatnonzero(np.isfinite(logf))
     cands, table = _transform_table(ncols, nrows, max_shift)
@@ -228,7 +228,7 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
     d = logf[k][None, :] - np.where(k2 >= 0, logF[np.maximum(k2, 0)], np.nan)
     n = np.count_nonzero(np.isfinite(d), axis=1)
     med = _nanmedian(d, 1)
-    sc = 1.4826 * _nanmedian(np.abs(d - med[:, None]), 1)
+    sc = _robust_sigma(d - med[:, None], 1)[:, 0]
     sc[(n < max(20, 0.5 * n_ident)) & (np.arange(len(cands)) > 0)] = np.inf
     ident = sc[0]
     b = int(np.nanargmin(np.where(np.isfinite(sc), sc, np.inf))) if np.isfinite(sc).any() else 0
