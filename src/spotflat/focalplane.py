@@ -122,14 +122,9 @@ def read_grids_chunked(paths: Sequence[str | os.PathLike], runner: Runner, flux_
 
 def _calibrate_one(job: tuple) -> Any:
     """Task: read one detector's files (streaming) and build its catalogue."""
-    from .calibration import build_calibration
-    from .grids import read_grid_files, stack_grid_files
-
     det, paths, flux_column, stat, min_dithers, sigma, *rest = job
     qc = rest[0] if rest else True  # (the QC options were added last)
-    grids = stack_grid_files(read_grid_files(paths, flux_column), detector=det or None,
-                             count=len(paths), **_offset(qc))
-    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
+    return _calibrate_serial(det, paths, (flux_column, stat, min_dithers, sigma, qc), progress=False)
 
 
 def _offset(qc) -> dict:
@@ -220,6 +215,7 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
 
 
 def _calibrate_serial(det: str, paths, opts, progress: bool):
+    """One detector's catalogue: read its files (streaming, a bar over them) and calibrate."""
     from .calibration import build_calibration
     from .grids import read_grid_files, stack_grid_files
     from .progress import progress_iter as bar_over
