@@ -635,8 +635,7 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         opts = qc if isinstance(qc, QCOptions) else QCOptions()
         qc_result = run_qc(grids, stat=stat, sigma=sigma, options=opts, segment=segment,
                            maxiter=maxiter, tol=tol)
-        F, s, used, niter, converged = qc_result.fit
-        f = grids.flux  # re-registration relabels in place
+        F, s, used, niter, converged = qc_result.fit  # (re-registration relabels grids.flux in place)
     # every per-point quantity below goes through one work array (see _masked)
     buf = np.empty_like(f)
     measured = np.isfinite(f) & np.isfinite(s)[None, :]

@@ -62,9 +62,7 @@ _DET_RE = re.compile(r"(?<![A-Za-z0-9])(R\d\d)[_\-]?(S\d\d|SG\d|SW\d)(?![0-9])")
 # ---------------------------------------------------------------------------- calibrate
 def _read_chunk(job: tuple[list[str], str | None]) -> tuple[list[tuple], np.ndarray | None, list | None]:
     """Task: read a chunk of grid files; return their metadata and one stacked block."""
-    from .grids import QUANTITIES, read_grid_file
-
-    from .grids import read_grid_files
+    from .grids import QUANTITIES, read_grid_files
 
     paths, flux_column = job
     files = list(read_grid_files(paths, flux_column))
@@ -124,16 +122,9 @@ def read_grids_chunked(paths: Sequence[str | os.PathLike], runner: Runner, flux_
 
 def _calibrate_one(job: tuple) -> Any:
     """Task: read one detector's files (streaming) and build its catalogue."""
-    from .calibration import build_calibration
-    from .grids import read_grid_file, stack_grid_files
-
-    from .grids import read_grid_files
-
     det, paths, flux_column, stat, min_dithers, sigma, *rest = job
     qc = rest[0] if rest else True  # (the QC options were added last)
-    grids = stack_grid_files(read_grid_files(paths, flux_column), detector=det or None,
-                             count=len(paths), **_offset(qc))
-    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
+    return _calibrate_serial(det, paths, (flux_column, stat, min_dithers, sigma, qc), progress=False)
 
 
 def _offset(qc) -> dict:
@@ -224,11 +215,10 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
 
 
 def _calibrate_serial(det: str, paths, opts, progress: bool):
+    """One detector's catalogue: read its files (streaming, a bar over them) and calibrate."""
     from .calibration import build_calibration
+    from .grids import read_grid_files, stack_grid_files
     from .progress import progress_iter as bar_over
-    from .grids import read_grid_file, stack_grid_files
-
-    from .grids import read_grid_files
 
     flux_column, stat, min_dithers, sigma, qc = opts
     with bar_over(paths, f"Reading {det or 'grid files'}", quiet=not progress) as bar:

@@ -189,13 +189,6 @@ def _mapped(k: np.ndarray, ncols: int, nrows: int, tr) -> np.ndarray:
     return np.where(inside, col * nrows + row, -1)
 
 
-def _mad(a: np.ndarray) -> float:
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return np.nan
-    return 1.4826 * float(np.median(np.abs(a - np.median(a))))
-
-
 @functools.lru_cache(maxsize=8)
 def _transform_table(ncols: int, nrows: int, max_shift: int):
     """The candidates of :func:`grid_transforms` and, per candidate, every label's image."""
@@ -223,7 +216,7 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
         ``log f - log F`` under it (after refitting the exposure's scale) and
         that of the labels as given.
     """
-    from .calibration import _nanmedian
+    from .calibration import _nanmedian, _robust_sigma
 
     k = np.flatnonzero(np.isfinite(logf))
     cands, table = _transform_table(ncols, nrows, max_shift)
@@ -235,7 +228,7 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
     d = logf[k][None, :] - np.where(k2 >= 0, logF[np.maximum(k2, 0)], np.nan)
     n = np.count_nonzero(np.isfinite(d), axis=1)
     med = _nanmedian(d, 1)
-    sc = 1.4826 * _nanmedian(np.abs(d - med[:, None]), 1)
+    sc = _robust_sigma(d - med[:, None], 1)[:, 0]
     sc[(n < max(20, 0.5 * n_ident)) & (np.arange(len(cands)) > 0)] = np.inf
     ident = sc[0]
     b = int(np.nanargmin(np.where(np.isfinite(sc), sc, np.inf))) if np.isfinite(sc).any() else 0
@@ -294,7 +287,6 @@ def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
         logt = np.log(f / (F[:, None] * s[None, :]))
     logt[~good_F] = np.nan
     logt[~np.isfinite(logt)] = np.nan
-    nexp = f.shape[1]
     med, scatter, q10, q90 = _column_stats(logt)
     width = (q90 - q10) / 2.563  # a Gaussian's sigma; sees a coherent minority of 10-50 % of the spots
     ref = float(np.nanmedian(scatter[~exclude])) if np.isfinite(scatter[~exclude]).any() else np.nan
@@ -418,28 +410,8 @@ def _peak(grids: SpotGrids) -> np.ndarray:
         return grids.flux / (2 * np.pi * np.sqrt(np.where(det > 0, det, np.nan)))
 
 
-def _slope(xv: np.ndarray, yv: np.ndarray) -> tuple[float, float]:
-    """Least-squares slope of y on x after a 5-MAD cut on y, and its standard error."""
-    m = np.isfinite(xv) & np.isfinite(yv)
-    if m.sum() < 20 or np.ptp(xv[m]) == 0:
-        return np.nan, np.nan
-    xv, yv = xv[m], yv[m]
-    med, mad = np.median(yv), _mad(yv)
-    keep = np.abs(yv - med) <= 5 * max(mad, 1e-12)
-    xv, yv = xv[keep], yv[keep]
-    if xv.size < 20 or np.ptp(xv) == 0:
-        return np.nan, np.nan
-    xc = xv - xv.mean()
-    b = (xc * (yv - yv.mean())).sum() / (xc * xc).sum()
-    res = yv - yv.mean() - b * xc
-    err = np.sqrt((res * res).sum() / (xv.size - 2) / (xc * xc).sum())
-    return float(b), float(err)
-
-
 def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: np.ndarray,
                      min_effect: float = 0.002, nsig: float = 5.0):
-    from .calibration import _nanmedian
-
     """Per exposure: slopes of log t and log(size / spot's mean size) on log peak; flags.
 
     Saturated spots lose flux at the top of the peak range (t falls with
@@ -448,6 +420,8 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: n
     across the grid do not count. Flag: slope significant at ``nsig`` and
     larger than ``min_effect`` per e-fold of peak.
     """
+    from .calibration import _nanmedian
+
     peak = _peak(grids)
     with np.errstate(invalid="ignore", divide="ignore"):
         lp = np.log(peak)
@@ -483,7 +457,6 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: n
         flag |= (nh >= 5) & (np.abs(top) > 5 * min_effect) & (np.abs(top) > nsig * err)
     top = np.where(nh >= 5, top, np.nan)
     # per spot: size against peak across dithers (the spot's own lever arm)
-    spot_bf = np.zeros(grids.nspot, dtype=bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         m = np.isfinite(lp_rel) & np.isfinite(ls_rel)
         n = m.sum(1)
