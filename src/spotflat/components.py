@@ -464,7 +464,7 @@ def _corrected_slope_jackknife(a, b, labels, noise_k) -> tuple[float, float]:
     what limits the corrected slope, and the replicates see it.
     """
     from .resampling import jackknife_se
-    from .stats import spot_sums
+    from .stats import _moments, spot_sums
 
     m = spot_sums(a, b).matrix
     has = m[:, 0] > 0
@@ -475,10 +475,10 @@ def _corrected_slope_jackknife(a, b, labels, noise_k) -> tuple[float, float]:
     eb = np.bincount(lab, weights=e, minlength=g)
 
     def slope(tot, noise):
-        n, sa, sb, _, sbb, sab = np.moveaxis(tot, -1, 0)
+        cab, _, cbb = _moments(tot)
+        den = cbb - noise
         with np.errstate(invalid="ignore", divide="ignore"):
-            den = sbb - sb * sb / n - noise
-            return np.where(den > 0, (sab - sa * sb / n) / den, np.nan)
+            return np.where(den > 0, cab / den, np.nan)
 
     tot = blk.sum(axis=0)
     return float(slope(tot, e.sum())), jackknife_se(slope(tot - blk, e.sum() - eb))
