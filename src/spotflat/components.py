@@ -503,7 +503,7 @@ def _from_block(component: str, res, lam: float, confidence: float, how: str,
 
 
 def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw, lam: float,
-                   corrected: tuple[float, float] | None, noise_all: float | None, a, b, valid,
+                   corrected: tuple[float, float] | None, noise_all: float | None, saa: float, sbb: float,
                    confidence: float) -> ComponentResult:
     """The ``all`` row with errors from its two parts: amplifier steps and within-amplifier structure.
 
@@ -513,7 +513,8 @@ def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw
     spot-demeaned amplifier columns, ``s**2`` the scatter of the spots'
     levels about their regression on the flat's); amplifier levels are few:
     Student t with the amp row's degrees of freedom. The within part's
-    variance is its block jackknife's.
+    variance is its block jackknife's. ``saa``, ``sbb``: centred sums of
+    squares of the row's ``a`` and ``b``.
     """
     ok = np.isfinite(dec.levels_a) & (dec.group >= 0)
     s2 = amp_row.extra.get("_resid_var", np.nan)
@@ -522,9 +523,6 @@ def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw
     w = np.isfinite(dec.wa) & np.isfinite(dec.wb)
     aw, bw = float(np.sum(dec.wa[w] ** 2)), float(np.sum(dec.wb[w] ** 2))
     var_w = float(within_raw.r_err_block) ** 2 * aw * bw  # the within part, over all its points
-    A = np.where(valid, a - np.sum(a, where=valid) / valid.sum(), 0.0)
-    B = np.where(valid, b - np.sum(b, where=valid) / valid.sum(), 0.0)
-    saa, sbb = float(np.sum(A * A)), float(np.sum(B * B))
     sd_cov = np.sqrt(var_step + var_w)
     dof = max(int(amp_row.ndof), 1)
     r_err = float(sd_cov / np.sqrt(saa * sbb))
@@ -609,7 +607,7 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     """
     from . import eiv, geometry
     from .resampling import patch_labels
-    from .stats import correlation_analysis, grid_layout
+    from .stats import _centred, correlation_analysis, grid_layout
 
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
@@ -681,10 +679,11 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         res = correlation_analysis(a_all, b_all, grid_shape=grid_shape, block="amp", block_labels=spot_amp,
                                    nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["all"]),
                                    method=method, confidence=confidence)
+        A, B, _, _ = _centred(a_all, b_all, valid_all)
+        saa, sbb = float(np.sum(A * A)), float(np.sum(B * B))
         lam, corr, ns_all = 1.0, None, noise_sum("all")
         if ns_all is not None:
-            bb = np.where(valid_all, b_all - np.sum(b_all, where=valid_all) / valid_all.sum(), 0.0)
-            lam = eiv.reliability(ns_all, float(np.sum(bb * bb)))
+            lam = eiv.reliability(ns_all, sbb)
             corr = _corrected_slope_jackknife(a_all, b_all,
                                               np.unique(np.asarray(spot_amp), return_inverse=True)[1],
                                               noise["all"])
@@ -693,8 +692,8 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         dec_all = decompose(a, b, amp, x, y, keep_all & valid, shape, len(names), detector=detector,
                             sigma=footprint_sigma, radius=footprint_radius)
         amp_all = _amp_component(dec_all, None, 0, None, confidence, 0, 0)
-        done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, a_all, b_all,
-                                     valid_all, confidence)
+        done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, saa, sbb,
+                                     confidence)
         raw["all"] = res
         if progress is not None:
             progress(1)
