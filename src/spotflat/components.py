@@ -242,9 +242,9 @@ class Decomposition:
         ``[spot, exposure]`` residuals (NaN where not used).
     use : numpy.ndarray of bool
         Points used.
-    gram : numpy.ndarray or None
-        ``(namp, namp)`` Gram matrix of the (spot-demeaned) amplifier columns:
-        the step part of ``sum(a b)`` is ``levels_a' gram levels_b``.
+    amp_dot_b : numpy.ndarray or None
+        ``X' b`` of the amplifier columns ``X`` (demeaned as in the fit):
+        how the spots' levels enter ``sum(a b)`` given ``b``.
     """
 
     levels_a: np.ndarray
@@ -254,7 +254,6 @@ class Decomposition:
     wa: np.ndarray
     wb: np.ndarray
     use: np.ndarray
-    gram: np.ndarray | None = None
     amp_dot_b: np.ndarray | None = None
 
 
@@ -389,10 +388,9 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
             la[m] = beta[:namp, 0][m] - beta[:namp, 0][m].mean()
             lb[m] = beta[:namp, 1][m] - beta[:namp, 1][m].mean()
             lvar[m] = np.diag(pinv)[:namp][m]
-    gram = XtX[:namp, :namp] if levels else None
     dot_b = X[:, :namp].T @ Y[:, 1] if levels else None
     return Decomposition(levels_a=la, levels_b=lb, group=group, level_var=lvar, wa=wa, wb=wb, use=use,
-                         gram=gram, amp_dot_b=dot_b)
+                         amp_dot_b=dot_b)
 
 
 # --------------------------------------------------------------------------
