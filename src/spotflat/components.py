@@ -639,7 +639,9 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     noise = {}
     if electrons is not None and (footprint_sigma is not None or footprint_radius is not None):
         masks = {"all": valid_all} if "all" in components else {}
-        masks["dec"], masks["within"] = dec.use, wuse
+        if "amp" in components:
+            masks["dec"] = dec.use
+        masks["within"] = wuse
         per_spot = eiv.demeaned_noise(x, y, list(masks.values()), footprint_sigma, footprint_radius,
                                       electrons, per_spot=True)
         noise = dict(zip(masks, per_spot))
@@ -648,13 +650,15 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         return float(noise[key].sum()) if key in noise else None
     seeds = dict(zip(("all", "amp", "within"), children))
     done, raw = {}, {}
-    # amp and within first: the all row's errors are built from them
-    ns = noise_sum("dec")
-    per_point = None if ns is None else ns / max(int(dec.use.sum()), 1)
-    done["amp"] = _amp_component(dec, per_point, nnull, np.random.default_rng(seeds["amp"]), confidence,
-                                 int(dec.use.sum()), int(dec.use.any(axis=1).sum()))
-    if "amp" in components and progress is not None:
-        progress(1)
+    if "amp" in components:
+        ns = noise_sum("dec")
+        per_point = None if ns is None else ns / max(int(dec.use.sum()), 1)
+        done["amp"] = _amp_component(dec, per_point, nnull, np.random.default_rng(seeds["amp"]), confidence,
+                                     int(dec.use.sum()), int(dec.use.any(axis=1).sum()))
+        done["amp"].extra.pop("_resid_var", None)
+        if progress is not None:
+            progress(1)
+    # within before all: the all row's errors are built from it (and from an amplifier fit of its own)
     res = correlation_analysis(wa, wb, grid_shape=grid_shape, block="patch", patch_size=patch_size,
                                nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["within"]),
                                method=method, confidence=confidence)
@@ -695,6 +699,5 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         raw["all"] = res
         if progress is not None:
             progress(1)
-    done["amp"].extra.pop("_resid_var", None)
     out = [done[c] for c in components]
     return out, raw
