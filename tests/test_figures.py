@@ -8,7 +8,6 @@ pixels. One small demo run (8 dithers, few resamples) feeds them all.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

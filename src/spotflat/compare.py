@@ -415,8 +415,8 @@ def _group_summary(labels: np.ndarray, d: np.ndarray, t: np.ndarray, q: np.ndarr
             continue
         dd = d[m]
         # the error of the mean residual counts spots, not points: a spot's dithers share F[k]
-        ks, inv = np.unique(spot[m], return_inverse=True)
-        per_spot = np.bincount(inv.ravel(), weights=dd) / np.bincount(inv.ravel())
+        inv = np.unique(spot[m], return_inverse=True)[1].ravel()
+        per_spot = np.bincount(inv, weights=dd) / np.bincount(inv)
         nsp = len(per_spot)
         err = float(np.std(per_spot, ddof=1) / np.sqrt(nsp)) if nsp > 1 else np.nan
         rows.append((lab, n, nsp, float(np.mean(t[m])), float(np.mean(q[m])), float(np.mean(dd)),

@@ -242,9 +242,9 @@ class Decomposition:
         ``[spot, exposure]`` residuals (NaN where not used).
     use : numpy.ndarray of bool
         Points used.
-    gram : numpy.ndarray or None
-        ``(namp, namp)`` Gram matrix of the (spot-demeaned) amplifier columns:
-        the step part of ``sum(a b)`` is ``levels_a' gram levels_b``.
+    amp_dot_b : numpy.ndarray or None
+        ``X' b`` of the amplifier columns ``X`` (demeaned as in the fit):
+        how the spots' levels enter ``sum(a b)`` given ``b``.
     """
 
     levels_a: np.ndarray
@@ -254,7 +254,6 @@ class Decomposition:
     wa: np.ndarray
     wb: np.ndarray
     use: np.ndarray
-    gram: np.ndarray | None = None
     amp_dot_b: np.ndarray | None = None
 
 
@@ -389,10 +388,9 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
             la[m] = beta[:namp, 0][m] - beta[:namp, 0][m].mean()
             lb[m] = beta[:namp, 1][m] - beta[:namp, 1][m].mean()
             lvar[m] = np.diag(pinv)[:namp][m]
-    gram = XtX[:namp, :namp] if levels else None
     dot_b = X[:, :namp].T @ Y[:, 1] if levels else None
     return Decomposition(levels_a=la, levels_b=lb, group=group, level_var=lvar, wa=wa, wb=wb, use=use,
-                         gram=gram, amp_dot_b=dot_b)
+                         amp_dot_b=dot_b)
 
 
 # --------------------------------------------------------------------------
@@ -464,7 +462,7 @@ def _corrected_slope_jackknife(a, b, labels, noise_k) -> tuple[float, float]:
     what limits the corrected slope, and the replicates see it.
     """
     from .resampling import jackknife_se
-    from .stats import spot_sums
+    from .stats import _moments, spot_sums
 
     m = spot_sums(a, b).matrix
     has = m[:, 0] > 0
@@ -475,10 +473,10 @@ def _corrected_slope_jackknife(a, b, labels, noise_k) -> tuple[float, float]:
     eb = np.bincount(lab, weights=e, minlength=g)
 
     def slope(tot, noise):
-        n, sa, sb, _, sbb, sab = np.moveaxis(tot, -1, 0)
+        cab, _, cbb = _moments(tot)
+        den = cbb - noise
         with np.errstate(invalid="ignore", divide="ignore"):
-            den = sbb - sb * sb / n - noise
-            return np.where(den > 0, (sab - sa * sb / n) / den, np.nan)
+            return np.where(den > 0, cab / den, np.nan)
 
     tot = blk.sum(axis=0)
     return float(slope(tot, e.sum())), jackknife_se(slope(tot - blk, e.sum() - eb))
@@ -503,7 +501,7 @@ def _from_block(component: str, res, lam: float, confidence: float, how: str,
 
 
 def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw, lam: float,
-                   corrected: tuple[float, float] | None, noise_all: float | None, a, b, valid,
+                   corrected: tuple[float, float] | None, noise_all: float | None, saa: float, sbb: float,
                    confidence: float) -> ComponentResult:
     """The ``all`` row with errors from its two parts: amplifier steps and within-amplifier structure.
 
@@ -513,7 +511,8 @@ def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw
     spot-demeaned amplifier columns, ``s**2`` the scatter of the spots'
     levels about their regression on the flat's); amplifier levels are few:
     Student t with the amp row's degrees of freedom. The within part's
-    variance is its block jackknife's.
+    variance is its block jackknife's. ``saa``, ``sbb``: centred sums of
+    squares of the row's ``a`` and ``b``.
     """
     ok = np.isfinite(dec.levels_a) & (dec.group >= 0)
     s2 = amp_row.extra.get("_resid_var", np.nan)
@@ -522,9 +521,6 @@ def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw
     w = np.isfinite(dec.wa) & np.isfinite(dec.wb)
     aw, bw = float(np.sum(dec.wa[w] ** 2)), float(np.sum(dec.wb[w] ** 2))
     var_w = float(within_raw.r_err_block) ** 2 * aw * bw  # the within part, over all its points
-    A = np.where(valid, a - np.sum(a, where=valid) / valid.sum(), 0.0)
-    B = np.where(valid, b - np.sum(b, where=valid) / valid.sum(), 0.0)
-    saa, sbb = float(np.sum(A * A)), float(np.sum(B * B))
     sd_cov = np.sqrt(var_step + var_w)
     dof = max(int(amp_row.ndof), 1)
     r_err = float(sd_cov / np.sqrt(saa * sbb))
@@ -609,7 +605,7 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     """
     from . import eiv, geometry
     from .resampling import patch_labels
-    from .stats import correlation_analysis, grid_layout
+    from .stats import _centred, correlation_analysis, grid_layout
 
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
@@ -643,7 +639,9 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     noise = {}
     if electrons is not None and (footprint_sigma is not None or footprint_radius is not None):
         masks = {"all": valid_all} if "all" in components else {}
-        masks["dec"], masks["within"] = dec.use, wuse
+        if "amp" in components:
+            masks["dec"] = dec.use
+        masks["within"] = wuse
         per_spot = eiv.demeaned_noise(x, y, list(masks.values()), footprint_sigma, footprint_radius,
                                       electrons, per_spot=True)
         noise = dict(zip(masks, per_spot))
@@ -652,13 +650,15 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         return float(noise[key].sum()) if key in noise else None
     seeds = dict(zip(("all", "amp", "within"), children))
     done, raw = {}, {}
-    # amp and within first: the all row's errors are built from them
-    ns = noise_sum("dec")
-    per_point = None if ns is None else ns / max(int(dec.use.sum()), 1)
-    done["amp"] = _amp_component(dec, per_point, nnull, np.random.default_rng(seeds["amp"]), confidence,
-                                 int(dec.use.sum()), int(dec.use.any(axis=1).sum()))
-    if "amp" in components and progress is not None:
-        progress(1)
+    if "amp" in components:
+        ns = noise_sum("dec")
+        per_point = None if ns is None else ns / max(int(dec.use.sum()), 1)
+        done["amp"] = _amp_component(dec, per_point, nnull, np.random.default_rng(seeds["amp"]), confidence,
+                                     int(dec.use.sum()), int(dec.use.any(axis=1).sum()))
+        done["amp"].extra.pop("_resid_var", None)
+        if progress is not None:
+            progress(1)
+    # within before all: the all row's errors are built from it (and from an amplifier fit of its own)
     res = correlation_analysis(wa, wb, grid_shape=grid_shape, block="patch", patch_size=patch_size,
                                nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["within"]),
                                method=method, confidence=confidence)
@@ -681,10 +681,11 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         res = correlation_analysis(a_all, b_all, grid_shape=grid_shape, block="amp", block_labels=spot_amp,
                                    nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["all"]),
                                    method=method, confidence=confidence)
+        A, B, _, _ = _centred(a_all, b_all, valid_all)
+        saa, sbb = float(np.sum(A * A)), float(np.sum(B * B))
         lam, corr, ns_all = 1.0, None, noise_sum("all")
         if ns_all is not None:
-            bb = np.where(valid_all, b_all - np.sum(b_all, where=valid_all) / valid_all.sum(), 0.0)
-            lam = eiv.reliability(ns_all, float(np.sum(bb * bb)))
+            lam = eiv.reliability(ns_all, sbb)
             corr = _corrected_slope_jackknife(a_all, b_all,
                                               np.unique(np.asarray(spot_amp), return_inverse=True)[1],
                                               noise["all"])
@@ -693,11 +694,10 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         dec_all = decompose(a, b, amp, x, y, keep_all & valid, shape, len(names), detector=detector,
                             sigma=footprint_sigma, radius=footprint_radius)
         amp_all = _amp_component(dec_all, None, 0, None, confidence, 0, 0)
-        done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, a_all, b_all,
-                                     valid_all, confidence)
+        done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, saa, sbb,
+                                     confidence)
         raw["all"] = res
         if progress is not None:
             progress(1)
-    done["amp"].extra.pop("_resid_var", None)
     out = [done[c] for c in components]
     return out, raw

@@ -191,9 +191,10 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
     errors from a block jackknife over amplifiers), ``amp`` (amplifier-level
     steps, flux only) and ``within`` (within-amplifier structure, seams and
     illumination removed). Without a detector only the classic analysis of
-    :func:`spotflat.stats.correlation_analysis` is possible (``block`` and
-    ``patch_size`` choose its block jackknife) and its block-jackknife errors
-    become the recommended ones.
+    :func:`spotflat.stats.correlation_analysis` is possible (a block
+    jackknife over patches of ``patch_size``; ``block`` is not used: with a
+    detector each component has its own blocks, without one there are no
+    amplifiers) and its block-jackknife errors become the recommended ones.
 
     Returns
     -------
@@ -283,8 +284,8 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
         Bootstrap and null resamples (the null count is also the number of
         permutations of the amplifier levels).
     block : {"amp", "patch"}
-        Block jackknife units of the method-specific columns when the
-        detector is unknown (with a detector each component has its own).
+        Only recorded (``BLOCK`` in the outputs' header): with a detector each
+        component has its own blocks, without one they are patches.
     patch_size : int
         Patch size (grid steps) of the ``within`` block jackknife.
     seed : int

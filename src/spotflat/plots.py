@@ -324,8 +324,8 @@ def expected_relation(quantity: str, xx: float | None = None, yy: float | None =
         if mom is not None and np.isfinite(mom):
             exps.append(Expectation(f"QE gradient: {quantity} = $\\langle {axis}{axis} \\rangle$ dq/d{axis}, "
                                     f"slope {mom:.2f} pix²", float(mom)))
-        return Relation(exps, note=f"lateral fields (tree rings): slope (P/2π)² for ring period P, "
-                                   f"no fixed value", slope_unit="pix²")
+        return Relation(exps, note="lateral fields (tree rings): slope (P/2π)² for ring period P, "
+                                   "no fixed value", slope_unit="pix²")
     if quantity == "size":
         return Relation([Expectation("QE: size does not follow q: slope 0", 0.0),
                          Expectation("pixel area (spot smaller on larger pixels): slope −1", -1.0)])
