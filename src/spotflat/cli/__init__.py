@@ -46,6 +46,7 @@ _INPUT_ARGS = {
     "calibrate": ("spotdata_dir",),
     "correlate": ("calib", "flat", "flat_dir"),
     "coords": ("points_file",),
+    "response": ("spotdata", "calibration", "flat"),
     "simulate": ("outdir",),
     "demo": ("outdir",),
 }

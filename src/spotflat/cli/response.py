@@ -39,8 +39,10 @@ def response(spotdata: Path, calibration: Path | None, flat: Path | None, outdir
     dithers do not determine (modes longer than the dither box, areas no
     spot links) are NaN.
     """
+    from ..fileio import check_output_dir
     from ..responsemap import run_response, write_response
 
+    check_output_dir(outdir, option="-o")  # a bad -o fails before the solve, as in correlate
     res = run_response(spotdata, calibration, flat, detector=detector, binsize=binsize, per_amp=per_amp,
                        flux_column=flux_column, nboot=nboot, seed=seed, progress=not quiet)
     files = write_response(res, outdir, figures=not no_figures)
