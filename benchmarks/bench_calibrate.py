@@ -192,6 +192,7 @@ def main() -> None:
     if args.child:
         _child(*args.child)
         return
+    print("load average at start: %.2f %.2f %.2f (2-core machine: > 2 means other jobs compete)" % os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         d = (args.dir or Path(tmp)) / "spotdata"
         d.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,7 @@ def main() -> None:
     print(f"(d)  spotflat calibrate (QC, table and figure): {wb['d']:6.2f} s ({wm['d']:6.2f})")
     print(f"(d') spotflat calibrate --no-qc-figure      : {wb['n']:6.2f} s ({wm['n']:6.2f})")
     print(f"(e)  python script importing fitsio          : {wb['e']:6.2f} s ({wm['e']:6.2f})")
+    print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
     print(f"ratio (d)/(e) = {wb['d'] / wb['e']:.2f}, (d')/(e) = {wb['n'] / wb['e']:.2f}   (target <= 2; "
           f"medians {wm['d'] / wm['e']:.2f}, {wm['n'] / wm['e']:.2f})")
 

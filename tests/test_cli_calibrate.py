@@ -59,6 +59,38 @@ def test_non_fits_skipped_with_warning(tmp_path, run_cli):
     assert "notes.txt: not a FITS file, skipped" in res.output
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this system")
+def test_fifo_skipped_with_warning(tmp_path, run_cli):
+    import os
+
+    write_run(tmp_path / "d", nexp=4, ncols=3, nrows=3)
+    os.mkfifo(tmp_path / "d" / "pipe_gridfit.cat")  # opening it to read would hang
+    res = run_cli("calibrate", tmp_path / "d", "-o", tmp_path / "calib.fits")
+    assert res.exit_code == 0, res.output
+    assert "pipe_gridfit.cat: not a regular file (a pipe, socket or device), skipped" in res.output
+    assert len(spotflat.read_calibration(tmp_path / "calib.fits").exposures) == 4
+
+
+def test_output_folder_checked_like_other_commands(tmp_path, run_cli):
+    write_run(tmp_path / "d", nexp=4, ncols=3, nrows=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "calib.fits").mkdir()  # a name calibrate never writes here: no reason to refuse
+    res = run_cli("calibrate", tmp_path / "d", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "calib_R22_S11.fits").is_file() and (out / "calib_R22_S11_qc.png").is_file()
+    # a file this run would write, but a folder: refused before any work, naming it
+    (out / "calib_R22_S11.fits").unlink()
+    (out / "calib_R22_S11.fits").mkdir()
+    res = run_cli("calibrate", tmp_path / "d", "-o", out)
+    assert res.exit_code == 1 and "calib_R22_S11.fits" in res.output, res.output
+    assert "Traceback" not in res.output
+    # a new folder (name ending in /) under a regular file: refused like correlate's -o
+    (tmp_path / "afile").write_text("x")
+    res = run_cli("calibrate", tmp_path / "d", "-o", f"{tmp_path / 'afile' / 'sub'}/")
+    assert res.exit_code == 1 and "afile" in res.output and "not a directory" in res.output, res.output
+
+
 def test_bad_usage_exit_2(tmp_path, run_cli):
     assert run_cli("calibrate", tmp_path).exit_code == 2
     assert run_cli("calibrate", tmp_path, "-o", "x.fits", "--stat", "mode").exit_code == 2

@@ -199,13 +199,15 @@ def _is_fits(path: str | os.PathLike) -> bool:
     return head.startswith(b"SIMPLE  =") or head[:2] == b"\x1f\x8b"
 
 
-def _walk_files(directory: Path, recursive: bool) -> list[Path]:
+def _walk_files(directory: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
     """Files under ``directory`` (not hidden ones), without a stat per file.
 
     Like ``directory.glob("**/*")``: symbolic links to files count, links to
-    folders are not followed.
+    folders are not followed. Returns the regular files and, apart, the other
+    entries (pipes, sockets, device nodes), which are never opened: reading a
+    pipe would hang.
     """
-    out, todo = [], [directory]
+    out, special, todo = [], [], [directory]
     while todo:
         d = todo.pop()
         with os.scandir(d) as it:
@@ -219,13 +221,16 @@ def _walk_files(directory: Path, recursive: bool) -> list[Path]:
                     out.append(Path(e.path))
                 elif e.is_symlink():  # dangling or looping: the user meant a file here
                     check_readable(e.path, "a processed-grid file (or remove the broken link)")
-    return sorted(out)
+                else:
+                    special.append(Path(e.path))
+    return sorted(out), sorted(special)
 
 
 def find_grid_files(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Processed-grid FITS files under ``directory``, sorted by name.
 
-    Files that are not FITS (by content, not only by name) are skipped with a
+    Files that are not FITS (by content, not only by name), and entries that
+    are not regular files (a pipe, socket or device node), are skipped with a
     :class:`UserWarning` naming them.
 
     Parameters
@@ -248,11 +253,14 @@ def find_grid_files(directory: str | os.PathLike, recursive: bool = True) -> lis
     if not directory.is_dir():
         raise InputError("not a directory", path=directory, expected="a folder of processed-grid files")
     found, skipped = [], []
-    for p in _walk_files(directory, recursive):
+    files, special = _walk_files(directory, recursive)
+    for p in files:
         if _is_fits(p):
             found.append(p)
         else:
             skipped.append(p)
+    for p in special:
+        warnings.warn(f"{p}: not a regular file (a pipe, socket or device), skipped", UserWarning, stacklevel=2)
     for p in skipped:
         warnings.warn(f"{p}: not a FITS file, skipped", UserWarning, stacklevel=2)
     if not found:

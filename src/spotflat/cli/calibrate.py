@@ -91,7 +91,7 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
     catalogues are the same bit for bit as with --workers 1.
     """
     from ..errors import InputError
-    from ..fileio import check_output, check_writable
+    from ..fileio import check_output, check_output_dir, check_writable
     from ..focalplane import calibrate_detectors
     from ..grids import find_grid_files, group_by_detector, select_detector
     from ..parallel import Runner
@@ -103,9 +103,9 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
     output = Path(output)
     to_dir = _is_dir_output(output, raw)
     if to_dir:
-        if output.exists() and not output.is_dir():
-            raise InputError("not a directory", path=output, expected="an output folder")
-        check_writable(output / "calib.fits" if output.is_dir() else output)
+        # a folder: the same checks as every command's output folder (the file
+        # names inside depend on the detectors, checked once they are known)
+        check_output_dir(output, option="-o")
     else:
         check_writable(output)
     # connect first: an unreachable scheduler fails before any reading
@@ -126,6 +126,11 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
             groups = {detector: select_detector(groups, detector, where=spotdata_dir)}
         explain_groups(groups, min_dithers, spotdata_dir)
         several = len(groups) > 1
+        if to_dir:  # the files this run writes inside the folder: refused now, not after the work
+            for det in groups:
+                out = _output_for(output, det, several, to_dir)
+                for f in (out, out.with_name(f"{out.stem}_qc.ecsv"), out.with_name(f"{out.stem}_qc.png")):
+                    check_output(f, inputs=paths, option="-o")
         if several:
             names = list(groups)
             shown = ", ".join(d or "(unnamed)" for d in names[:12]) + (", ..." if len(names) > 12 else "")

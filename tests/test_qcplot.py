@@ -1,0 +1,59 @@
+"""The QC figure: its panels and their content, drawn without mathtext (cheap to render)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gridfiles import write_run
+from spotflat.calibration import build_calibration
+from spotflat.grids import read_grids
+from spotflat.qc import QCOptions
+from spotflat.qcplot import plot_qc, write_qc_figure
+
+
+@pytest.fixture(scope="module")
+def qc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qcplot") / "spotdata"
+    write_run(d, nexp=8, ncols=6, nrows=6)
+    names = sorted(p.name for p in d.iterdir())
+    cal = build_calibration(read_grids(d), qc=QCOptions(drop=(names[2],)))
+    return cal.qc
+
+
+def test_figure_content(qc):
+    fig = plot_qc(qc, "R22_S11")
+    fig.canvas.draw()
+    axes = fig.axes
+    assert len(axes) == 4
+    used = np.asarray(qc["used"], bool)
+    assert used.sum() == len(qc) - 1
+    # the dropped exposure is marked and named in the three per-exposure panels
+    dropped = str(qc["filename"][~used][0])
+    for a in axes[:3]:
+        assert dropped in [t.get_text() for t in a.texts]
+    # the grid centres lie on the CCD outline panel, used and excluded apart
+    xs = np.concatenate([ln.get_xdata() for ln in axes[3].lines[1:]])
+    assert np.allclose(np.sort(xs), np.sort(np.asarray(qc["x_centre"], float)))
+    assert "7/8 exposures used" in fig._suptitle.get_text()
+
+
+def test_log_axes_plain_labels(qc):
+    """Log-axis tick labels are plain numbers: mathtext (10^n labels) cost ~0.3 s per process."""
+    fig = plot_qc(qc, "R22_S11")
+    fig.canvas.draw()
+    for a in fig.axes[:2]:
+        assert a.get_yscale() == "log"
+        labels = [t.get_text() for t in a.get_yticklabels(which="both") if t.get_text()]
+        assert labels, "no tick labels on a log axis"
+        assert all("$" not in s for s in labels), labels
+        for s in labels:
+            float(s.replace("\N{MINUS SIGN}", "-"))  # each one reads as a number
+
+
+def test_write_png(qc, tmp_path):
+    path = write_qc_figure(qc, tmp_path / "qc.png", "R22_S11")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 400
+    assert not list(tmp_path.glob(".*tmp*"))
