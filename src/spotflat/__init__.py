@@ -12,12 +12,6 @@ command line start quickly.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("spotflat")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+unknown"
 
 from .errors import InputError, SpotflatError
 
@@ -59,7 +53,20 @@ _EXPORTS = {
 __all__ = ["__version__", "InputError", "SpotflatError", *_EXPORTS]
 
 
+def _package_version() -> str:
+    # importlib.metadata costs ~30 ms to import: only when the version is asked for
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spotflat")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str):
+    if name == "__version__":
+        globals()["__version__"] = value = _package_version()
+        return value
     if name in _EXPORTS:
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         return getattr(module, name)

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 import click
-import numpy as np
 
 from ._common import POSITIVE, echo_summary, explain_groups
 
@@ -182,6 +181,8 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
 
 def _qc_rows(cal) -> list[tuple[str, str]]:
     """Counts of flags per reason and the exposures left out, for the summary."""
+    import numpy as np
+
     m, e = cal.meta, cal.exposures
     far = f"> {m.get('MAXOFFS', 0):g} step" if m.get("MAXOFFS", 0) else "rule off"
     rows = [("points flagged", f"{m.get('NFAR', 0)} far from their grid point ({far}), "
@@ -207,6 +208,8 @@ def _qc_rows(cal) -> list[tuple[str, str]]:
 
 
 def _summary(det, cal, written, how: str) -> None:
+    import numpy as np
+
     spots, e = cal.spots, cal.exposures
     valid = np.asarray(spots["valid"])
     t_std = np.asarray(spots["t_std"])[valid]
@@ -232,6 +235,8 @@ def _summary(det, cal, written, how: str) -> None:
 
 def _short_summary(written_all, how: str) -> None:
     """One line per detector (focal-plane runs)."""
+    import numpy as np
+
     rows = []
     for det, cal, written in written_all:
         valid = np.asarray(cal.spots["valid"])
@@ -248,6 +253,8 @@ def _short_summary(written_all, how: str) -> None:
 
 def _projector_rows(cal) -> list[tuple[str, str]]:
     """The projector-to-pixel fit, when the geometry module provides it."""
+    import numpy as np
+
     try:
         from ..projector import fit_projector_map
     except ImportError:
