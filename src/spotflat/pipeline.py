@@ -34,15 +34,18 @@ __all__ = [
     "write_figures",
 ]
 
-#: quantity -> what it is correlated against (DESIGN.md section 2, issue 5 item 3)
+#: quantity -> its regressor (the ``against`` column; DESIGN.md section 2, issue 12 item 5):
+#: the flux against q, centroid shifts against the flat's gradient, second moments against
+#: its second derivatives (spotflat.derivatives.REGRESSORS)
 QUANTITY_PAIRS = {
     "flux": "q",
     "dx": "dqdx",
     "dy": "dqdy",
-    "size": "q",
-    "xx": "q",
-    "yy": "q",
-    "xy": "q",
+    "size": "lapq",
+    "xx-yy": "d2q_xx-yy",
+    "xy": "d2qdxdy",
+    "xx": "d2qdx2",
+    "yy": "d2qdy2",
 }
 
 
@@ -99,10 +102,15 @@ def quantity_pair(comp: Comparison, quantity: str) -> tuple[np.ndarray, np.ndarr
     """The two ``[spot, exposure]`` arrays correlated for ``quantity``.
 
     ``flux`` is ``t`` against ``q``. Centroid shifts ``dx``, ``dy`` are
-    compared with the flat's gradient along the same axis; shapes ``xx``,
-    ``yy``, ``xy`` and ``size = xx + yy`` with ``q``. Every quantity other
-    than ``t`` is taken relative to its own spot's mean (a spot's mean shift
-    or size is a property of the projector, not of the pixels).
+    compared with the flat's gradient along the same axis; the second
+    moments with the flat's second derivatives over the same footprint
+    (:mod:`spotflat.derivatives`): ``size = xx + yy`` with the Laplacian,
+    ``xx - yy`` with ``d2q/dx2 - d2q/dy2``, ``xy`` with ``d2q/dxdy``, ``xx``
+    and ``yy`` with ``d2q/dx2`` and ``d2q/dy2``. Every quantity other than
+    ``t`` is taken relative to its own spot's mean (a spot's mean shift or
+    size is a property of the projector, not of the pixels), and so is each
+    regressor; ``size``, ``xx``, ``yy`` are relative changes (divided by the
+    spot's mean), ``xx - yy`` and ``xy`` changes in pix**2.
 
     Returns
     -------
@@ -116,14 +124,19 @@ def quantity_pair(comp: Comparison, quantity: str) -> tuple[np.ndarray, np.ndarr
     valid = comp.valid
     if against == "q":
         b = comp.q
-    else:
+    elif against in ("dqdx", "dqdy"):
         if comp.dqdx is None:
             raise InputError(f"quantity {quantity!r} needs the flat gradient (gradient=True)")
         b = _centre_per_spot(comp.dqdx if against == "dqdx" else comp.dqdy, valid)
+    else:
+        if comp.hessian is None:
+            raise InputError(f"quantity {quantity!r} needs the flat's second derivatives (hessian=True)")
+        b = _centre_per_spot(comp.hessian.regressor(against), valid & np.isfinite(comp.hessian.dxx))
     if quantity == "flux":
         a = comp.t
     else:
-        raw = comp.grids.quantity(quantity)
+        g = comp.grids
+        raw = g.quantity("xx") - g.quantity("yy") if quantity == "xx-yy" else g.quantity(quantity)
         ok = valid & np.isfinite(raw)
         if ok.sum() < 3:
             raise InputError(f"quantity {quantity!r} is not measured in the spot data")
@@ -327,7 +340,9 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     check_flat_varies(flat, flat_path)
     comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius, weight=weight,
                               detector=calib.detector or None,
-                              gradient=any(QUANTITY_PAIRS.get(q, "q") != "q" for q in quantities))
+                              gradient=any(QUANTITY_PAIRS.get(q) in ("dqdx", "dqdy") for q in quantities),
+                              hessian=any(QUANTITY_PAIRS.get(q) not in ("q", "dqdx", "dqdy", None)
+                                          for q in quantities))
     comp.flat_electrons = electrons
     results, stats, parts = correlate_quantities(comp, quantities, nboot=nboot, nnull=nnull, block=block,
                                                  patch_size=patch_size, seed=seed, method=method,
