@@ -46,8 +46,8 @@ def rings(request):
     rp = ResponseParams(treering_kind=request.param, treering_model="imsim", treering_boost=150,
                         treering_detector="R22_S11", prnu=0, ndust=0, gain_sigma=0, midline_amplitude=0,
                         edge_amplitude=0)
-    sim = simulate_data("R22_S11", ndither=20, seed=1, noise=0, layout=synthetic_layout((1024, 1024), "E2V"),
-                        illumination=0, response=rp, ncols=12, nrows=12, xstep=80.0)
+    sim = simulate_data("R22_S11", ndither=30, seed=1, noise=0, layout=synthetic_layout((1024, 1024), "E2V"),
+                        illumination=0, response=rp, ncols=16, nrows=16, xstep=60.0)
     sp = sim.spots
     ok = ~sp.missing & ~sp.outlier & np.isfinite(sp.x)
     flat = sim.flat / np.mean(sim.flat)
@@ -61,7 +61,7 @@ def rings(request):
              "dy": (_centre(sp.y - sp.y_true, ok), gy)}
     slopes = {}
     for name, (a, b) in pairs.items():
-        st = correlation_analysis(a, _centre(b, ok), grid_shape=(12, 12), block="patch", patch_size=4,
+        st = correlation_analysis(a, _centre(b, ok), grid_shape=(16, 16), block="patch", patch_size=4,
                                   nboot=200, nnull=0, seed=2)
         slopes[name] = (st.slope, st.slope_err)
     xx, yy = float(np.mean(sp.xx_true)), float(np.mean(sp.yy_true))
@@ -74,8 +74,7 @@ def test_shape_slopes_have_the_documented_signs(rings):
     kind, slopes, qe = rings
     for name, (slope, err) in slopes.items():
         assert slope > 3 * err > 0, (kind, name, slope, err)  # positive, significant, for both kinds
-        ratio = slope / qe[name]
-        if kind == "qe":  # amplitude: the spot's own moments (within 25 %)
-            assert 0.75 < ratio < 1.25, (name, slope, qe[name])
-        else:  # displaced charge: (P / 2 pi)**2 times the QE slope, P ~ 20-30 px for these rings
-            assert ratio > 4, (name, slope, qe[name])
+        if kind == "qe":  # amplitude: the spot's own moments (15 % for the first-order model, plus the noise)
+            assert abs(slope - qe[name]) < 0.15 * qe[name] + 4 * err, (name, slope, err, qe[name])
+        else:  # displaced charge: (P / 2 pi)**2 times the QE slope (10-13x for these rings)
+            assert slope > 4 * qe[name] + 4 * err, (name, slope, err, qe[name])
