@@ -31,6 +31,10 @@ def test_calibrate_then_correlate(simdir, run_cli):
     assert list(t["component"]) == ["all", "amp", "within"] + ["all", "within"] * 3
     # each quantity names its regressor: gradient for centroids, second derivatives for shapes
     assert list(t["against"]) == ["q"] * 3 + ["dqdx"] * 2 + ["lapq"] * 2 + ["d2q_xx-yy"] * 2
+    # the shape rows say how much of their regressor is the flat's photon noise
+    shape_rows = np.isin(t["quantity"], ["size", "xx-yy"])
+    assert np.all((t["regressor_reliability"][shape_rows] > -0.5) & (t["regressor_reliability"][shape_rows] < 1))
+    assert np.all(np.isnan(t["regressor_reliability"][~shape_rows]))
     assert np.all(np.isfinite(t["r_err"])) and np.all(np.isfinite(t["p_value"]))
     assert np.all(t["nspot"] > 2000)
     pngs = sorted(p.name for p in (simdir / "out").glob("*.png"))

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FlatHessian", "flat_hessian", "REGRESSORS"]
+__all__ = ["FlatHessian", "flat_hessian", "noise_hessian", "REGRESSORS"]
 
 #: regressor name -> (FlatHessian attribute, description); used as ``against`` in the results
 REGRESSORS = {
@@ -135,3 +135,35 @@ def flat_hessian(flat: Any, x: Any, y: Any, sigma: Any = None, radius: Any = Non
     dyy = (yp + ym - 2 * c) / h2
     dxy = (pp + mm - pm - mp) / (4 * h2)
     return FlatHessian(dxx.reshape(shape), dyy.reshape(shape), dxy.reshape(shape), float(step))
+
+
+def noise_hessian(shape: tuple[int, int], x: Any, y: Any, electrons: float, sigma: Any = None,
+                  radius: Any = None, seed: int | np.random.Generator | None = 0) -> FlatHessian:
+    """What :func:`flat_hessian` returns on the photon noise alone of a flat of ``electrons`` e-/pixel.
+
+    A flat of the same ``shape`` made only of white noise of relative
+    variance ``1 / electrons`` per pixel, differentiated exactly as the flat
+    is (same positions, footprint and stencil): its variance over the
+    points, after the same per-spot centring, is the noise variance of the
+    regressor, so ``1 - var(noise) / var(regressor)`` is the regressor's
+    reliability ratio (the attenuation of a least-squares slope on it).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Shape of the flat.
+    x, y, sigma, radius
+        As :func:`flat_hessian`.
+    electrons : float
+        Electrons per pixel of the flat.
+    seed : int or numpy.random.Generator, optional
+
+    Returns
+    -------
+    FlatHessian
+    """
+    if not electrons > 0:
+        raise ValueError(f"electrons must be > 0, not {electrons}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    noise = rng.standard_normal(tuple(shape)) / np.sqrt(float(electrons))
+    return flat_hessian(noise, x, y, sigma=sigma, radius=radius)

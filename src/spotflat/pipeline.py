@@ -162,7 +162,10 @@ class CorrelateResult:
         ``slope_high``; then ``slope_raw``, ``reliability``, ``ndof``,
         ``nunit``, ``nspot``, ``npoint``, ``error_method`` and the
         method-specific columns (bootstrap, jackknife, block, null,
-        permutation).
+        permutation); for the shape rows (regressed on the flat's second
+        derivatives) ``regressor_reliability``, ``1 - var(noise) / var``
+        of the regressor from the flat's photon noise (their slope is not
+        corrected for it).
     comparison : Comparison
     stats : dict
         ``quantity -> CorrelationResult``.
@@ -225,6 +228,7 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
 
     ncols, nrows = comp.grids.grid_shape
     rows, out, parts = [], {}, {}
+    noise_h = None
     rng = np.random.SeedSequence(seed)
     ntask = sum(len(_components_for(q)) for q in quantities) if comp.detector else len(quantities)
     with progress_bar(ntask, f"Resampling ({nboot} bootstrap, {nnull} null)", show=progress) as advance:
@@ -248,11 +252,47 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
                 out[quantity] = res
                 advance(1)
             parts[quantity] = res_list
+            extra = {}
+            if against in _HESSIAN_REGRESSORS:  # the flat's noise in its second derivatives (no EIV fix)
+                noise_h = noise_h or _noise_hessian(comp, seed)
+                if noise_h is not None:
+                    extra["regressor_reliability"] = _reliability(b, noise_h.regressor(against))
             for cr in res_list:
                 row = {"quantity": quantity, "against": against}
                 row.update(cr.as_row())
+                row.update(extra)
                 rows.append(row)
     return _rows_table(rows), out, parts
+
+
+_HESSIAN_REGRESSORS = ("lapq", "d2qdx2", "d2qdy2", "d2q_xx-yy", "d2qdxdy")
+
+
+def _noise_hessian(comp: Comparison, seed: int):
+    """Second derivatives of the flat's photon noise alone at the valid points (None if unknown)."""
+    from .derivatives import FlatHessian, noise_hessian
+    from .geometry import ccd_shape
+
+    if not comp.flat_electrons or comp.hessian is None:
+        return None
+    v = comp.valid & np.isfinite(comp.hessian.dxx)
+    shape = (tuple(ccd_shape(comp.detector)) if comp.detector
+             else (int(np.nanmax(comp.y)) + 8, int(np.nanmax(comp.x)) + 8))
+    sig = None if comp.footprint_sigma is None else np.broadcast_to(comp.footprint_sigma[:, None], v.shape)[v]
+    h = noise_hessian(shape, comp.x[v], comp.y[v], comp.flat_electrons, sigma=sig,
+                      radius=comp.footprint_radius, seed=np.random.default_rng([seed, 12]))
+    full = [np.full(v.shape, np.nan) for _ in range(3)]
+    for arr, val in zip(full, (h.dxx, h.dyy, h.dxy)):
+        arr[v] = val
+    return FlatHessian(*full, step=h.step)
+
+
+def _reliability(b: np.ndarray, noise: np.ndarray) -> float:
+    """``1 - var(noise) / var(b)`` over the points, both centred per spot like ``b``."""
+    ok = np.isfinite(b) & np.isfinite(noise)
+    n = _centre_per_spot(noise, ok)
+    vb, vn = float(np.var(b[ok])), float(np.var(n[ok]))
+    return 1.0 - vn / vb if vb > 0 else float("nan")
 
 
 _STRING_COLUMNS = ("quantity", "against", "component", "error_method", "block", "method")
