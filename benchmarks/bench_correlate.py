@@ -14,6 +14,11 @@ reading, writing -- what a user waits for):
 each (load from other jobs only slows a run down) and the medians are
 printed too. Target: (b)/(a) <= 5.
 
+Then (unless ``--no-breakdown``) one in-process breakdown of (b): the
+stage without its QE-vs-area verdict, the verdict
+(:func:`spotflat.verdict.correlate_hook`) alone, the tables, and the
+figures (matplotlib import, drawing, PNG writing) -- where the time goes.
+
 Usage::
 
     python benchmarks/bench_correlate.py --repeat 3
@@ -36,10 +41,42 @@ def _time(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
+_BREAKDOWN = """
+import time
+t0 = time.perf_counter()
+import spotflat.verdict as verdict
+from spotflat import pipeline
+from spotflat.parallel import single_thread_blas
+t1 = time.perf_counter()
+hook, times = verdict.correlate_hook, {{}}
+def timed(*a, **k):
+    s = time.perf_counter(); out = hook(*a, **k); times["verdict"] = time.perf_counter() - s; return out
+verdict.correlate_hook = timed  # pipeline imports it at call time
+with single_thread_blas():
+    res = pipeline.run_correlate({calib!r}, {flat!r})
+t2 = time.perf_counter()
+pipeline.write_outputs(res, {out!r}, figures=False)
+t3 = time.perf_counter()
+import matplotlib.figure
+t4 = time.perf_counter()
+from spotflat.figures import render_figures, write_figure_set
+figs = render_figures(res)
+t5 = time.perf_counter()
+write_figure_set(figs, {out!r})
+t6 = time.perf_counter()
+v = times.get("verdict", float("nan"))
+print(f"in-process breakdown: imports {{t1 - t0:.2f}} s, run_correlate {{t2 - t1:.2f}} s "
+      f"(of which the QE-vs-area verdict {{v:.2f}} s), tables {{t3 - t2:.2f}} s, "
+      f"figures: matplotlib import {{t4 - t3:.2f}} s, drawing {{t5 - t4:.2f}} s, "
+      f"PNG writing {{t6 - t5:.2f}} s ({{len(figs)}} figures)")
+"""
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ndither", type=int, default=50)
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the in-process breakdown")
     args = ap.parse_args(argv)
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -58,6 +95,9 @@ def main(argv=None) -> None:
             times["calibrate"].append(_time(cal, env))
             times["correlate"].append(_time(cor, env))
             times["correlate --no-figures"].append(_time(cor + ["--no-figures"], env))
+        if not args.no_breakdown:
+            code = _BREAKDOWN.format(calib=str(tmp / "calib.fits"), flat=str(flat), out=str(tmp / "bd"))
+            subprocess.run([os.environ.get("PYTHON", "python"), "-c", code], check=True, env=env)
     best = {k: min(v) for k, v in times.items()}
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     for k in times:

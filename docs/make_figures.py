@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 DEMO = {"ndither": 20, "nboot": 200, "nnull": 200, "seed": 0, "mismatch": "treering"}
 DEMO_FIGURES = ("spot_flux_map.png", "t_map.png", "q_map.png", "residual_map.png", "t_vs_q.png",
                 "residual_hist.png", "amp_residuals.png", "residual_vs_boundary.png",
-                "mismatch_recovery.png", "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_q.png")
+                "mismatch_recovery.png", "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_lapq.png")
 #: modules that draw the demo figures: a change to any of them remakes the cached run
 FIGURE_CODE = ("plots.py", "figures.py", "mapbins.py", "cli/demo.py")
 

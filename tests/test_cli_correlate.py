@@ -20,15 +20,21 @@ def test_calibrate_then_correlate(simdir, run_cli):
     res = run_cli("calibrate", simdir / "sim" / "spotdata", "-o", simdir / "calib.fits", "-q")
     assert res.exit_code == 0, res.output
     res = run_cli("correlate", simdir / "calib.fits", "--flat", next((simdir / "sim" / "flat").iterdir()),
-                  "-o", simdir / "out", "--quantity", "flux,dx,size", "--nboot", "100", "--nnull", "200",
+                  "-o", simdir / "out", "--quantity", "flux,dx,size,xx-yy", "--nboot", "100", "--nnull", "200",
                   "--seed", "1", "-q")
     assert res.exit_code == 0, res.output
     assert "flux all" in res.output and "flux within" in res.output and "variance of t" in res.output
     # the recommended numbers come first in the summary
     assert res.output.index("flux all") < res.output.index("(methods)")
     t = Table.read(simdir / "out" / "results.ecsv")
-    assert list(t["quantity"]) == ["flux"] * 3 + ["dx"] * 2 + ["size"] * 2
-    assert list(t["component"]) == ["all", "amp", "within", "all", "within", "all", "within"]
+    assert list(t["quantity"]) == ["flux"] * 3 + ["dx"] * 2 + ["size"] * 2 + ["xx-yy"] * 2
+    assert list(t["component"]) == ["all", "amp", "within"] + ["all", "within"] * 3
+    # each quantity names its regressor: gradient for centroids, second derivatives for shapes
+    assert list(t["against"]) == ["q"] * 3 + ["dqdx"] * 2 + ["lapq"] * 2 + ["d2q_xx-yy"] * 2
+    # the shape rows say how much of their regressor is the flat's photon noise
+    shape_rows = np.isin(t["quantity"], ["size", "xx-yy"])
+    assert np.all((t["regressor_reliability"][shape_rows] > -0.5) & (t["regressor_reliability"][shape_rows] < 1))
+    assert np.all(np.isnan(t["regressor_reliability"][~shape_rows]))
     assert np.all(np.isfinite(t["r_err"])) and np.all(np.isfinite(t["p_value"]))
     assert np.all(t["nspot"] > 2000)
     pngs = sorted(p.name for p in (simdir / "out").glob("*.png"))
@@ -38,7 +44,7 @@ def test_calibrate_then_correlate(simdir, run_cli):
         assert (simdir / "out" / name).stat().st_size > 5000
     # same seed, same numbers; SPOTDATA_DIR given explicitly gives the same too
     res2 = run_cli("correlate", simdir / "calib.fits", simdir / "sim" / "spotdata", "--flat",
-                   next((simdir / "sim" / "flat").iterdir()), "-o", simdir / "out2", "--quantity", "flux,dx,size",
+                   next((simdir / "sim" / "flat").iterdir()), "-o", simdir / "out2", "--quantity", "flux,dx,size,xx-yy",
                    "--nboot", "100", "--nnull", "200", "--seed", "1", "-q", "--no-figures")
     assert res2.exit_code == 0, res2.output
     t2 = Table.read(simdir / "out2" / "results.ecsv")

@@ -28,7 +28,7 @@ PAGES = ("index", "getting_started", "science", "coordinates", "inputs", "exampl
 FIGURES = ("focal_plane.png", "ccd_amplifiers.png", "spot_flux_map.png", "t_map.png", "q_map.png",
            "residual_map.png", "t_vs_q.png", "residual_hist.png", "amp_residuals.png",
            "residual_vs_boundary.png", "mismatch_recovery.png", "dx_vs_dqdx.png", "dy_vs_dqdy.png",
-           "size_vs_q.png")
+           "size_vs_lapq.png")
 
 
 @pytest.fixture(scope="module")

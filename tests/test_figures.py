@@ -20,7 +20,7 @@ from spotflat.mapbins import choose_map_bin, map_noise
 
 DEMO_FIGURES = {"spot_flux_map.png", "t_map.png", "q_map.png", "residual_map.png", "t_vs_q.png",
                 "residual_hist.png", "amp_residuals.png", "residual_vs_boundary.png", "mismatch_recovery.png",
-                "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_q.png"}
+                "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_lapq.png"}
 UNIT = re.compile(r"\[[^\]]+\]")
 #: axes whose labels name categories or counts, not physical quantities
 CATEGORICAL = ("amplifier",)
@@ -134,9 +134,9 @@ def test_relations_state_their_expectations(figures):
     assert "slope 1" in t_vs_q and "slope 0" in t_vs_q
     dx = _texts(figures["dx_vs_dqdx.png"])
     assert "flat describes" not in dx and "pix²" in dx and "no fixed value" in dx
-    size = _texts(figures["size_vs_q.png"])
-    assert "slope −1" in size and "slope 0" in size
-    for name in ("t_vs_q.png", "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_q.png"):
+    size = _texts(figures["size_vs_lapq.png"])  # against the Laplacian: QE slope (xx + yy) / 4, area larger
+    assert "QE" in size and "pix²" in size and "(P/2π)²" in size
+    for name in ("t_vs_q.png", "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_lapq.png"):
         fig = figures[name]
         ax = fig.axes[0]
         text = _texts(fig)
@@ -282,17 +282,19 @@ def test_shape_quantities_and_an_unnamed_detector(demo):
 
     res = demo[0]["result"]
     comp = dataclasses.replace(res.comparison, detector="")
-    out = correlate_quantities(comp, quantities=("flux", "xx", "yy", "xy"), nboot=10, nnull=10,
+    out = correlate_quantities(comp, quantities=("flux", "xx", "yy", "xy", "xx-yy"), nboot=10, nnull=10,
                                block="patch", patch_size=7)
     table, stats = out[0], out[1]
     bare = CorrelateResult(results=table, comparison=comp, stats=stats, variance={}, amp_summary=Table(),
                            boundary_summary=None)
     figs = render_figures(bare)
-    assert {"xx_vs_q.png", "yy_vs_q.png", "xy_vs_q.png", "residual_map.png"} <= set(figs)
+    assert {"xx_vs_d2qdx2.png", "yy_vs_d2qdy2.png", "xy_vs_d2qdxdy.png", "xx-yy_vs_d2q_xx-yy.png",
+            "residual_map.png"} <= set(figs)
+    assert list(table["against"][table["component"] == "all"]) == ["q", "d2qdx2", "d2qdy2", "d2qdxdy", "d2q_xx-yy"]
     assert "amp_residuals.png" not in figs and "residual_vs_boundary.png" not in figs
     for name, fig in figs.items():
         check_figure(name, fig)
-    assert "no simple expected relation" in _texts(figs["xy_vs_q.png"])
+    assert "QE: Δxy = xx·yy" in _texts(figs["xy_vs_d2qdxdy.png"])
 
 
 def test_the_check_catches_what_the_old_figures_did():

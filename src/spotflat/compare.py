@@ -158,6 +158,9 @@ class Comparison:
         Spot positions (CCD pixels) of every point.
     dqdx, dqdy : numpy.ndarray or None
         Flat gradient at every point (per pixel, relative units).
+    hessian : spotflat.derivatives.FlatHessian or None
+        Flat second derivatives at every point over the same footprint as
+        ``q`` (per pixel**2; the regressors of the shapes).
     grids : SpotGrids
     calib : Calibration
     detector : str
@@ -185,6 +188,7 @@ class Comparison:
     footprint_sigma: np.ndarray | None = None
     footprint_radius: float | None = None
     flat_electrons: float | None = None
+    hessian: object = None  # spotflat.derivatives.FlatHessian
 
     @property
     def valid(self) -> np.ndarray:
@@ -216,7 +220,8 @@ class Comparison:
 
         Columns: ``spotgrid_index``, ``exposure`` (index), ``filename``,
         ``x``, ``y`` (pix), ``t``, ``q``, ``d``, ``amp``, ``dx``, ``dy``,
-        ``xx``, ``yy``, ``xy`` (and ``dqdx``, ``dqdy`` when computed).
+        ``xx``, ``yy``, ``xy`` (and ``dqdx``, ``dqdy``, ``d2qdx2``,
+        ``d2qdy2``, ``d2qdxdy`` when computed).
         """
         k, j = np.nonzero(self.valid)
         g = self.grids
@@ -234,6 +239,11 @@ class Comparison:
         if self.dqdx is not None:
             tab["dqdx"], tab["dqdy"] = self.dqdx[k, j], self.dqdy[k, j]
             tab["dqdx"].unit = tab["dqdy"].unit = "1 / pix"
+        if self.hessian is not None:
+            for name, v in (("d2qdx2", self.hessian.dxx), ("d2qdy2", self.hessian.dyy),
+                            ("d2qdxdy", self.hessian.dxy)):
+                tab[name] = v[k, j]
+                tab[name].unit = "1 / pix2"
         tab.meta.update(self.meta)
         return tab
 
@@ -250,7 +260,7 @@ def _amp_of(detector: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
                        sigma: float | str | None = "moments", radius: float | None = None,
                        detector: str | None = None, gradient: bool = True,
-                       clip: bool = True, weight: str = "auto") -> Comparison:
+                       clip: bool = True, weight: str = "auto", hessian: bool = False) -> Comparison:
     """Sample the flat at every spot of every dither and form ``t``, ``q``, ``d``.
 
     Parameters
@@ -280,6 +290,9 @@ def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
         spot data and the flat's shape.
     gradient : bool
         Also sample the flat's gradient (for the centroid studies).
+    hessian : bool
+        Also sample the flat's second derivatives over the same footprint
+        (:func:`spotflat.derivatives.flat_hessian`, for the shape studies).
     clip : bool
         Drop the points the clipped calibration rejected as outliers.
 
@@ -359,9 +372,20 @@ def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
         gx, gy = flats.flat_gradient(flat, x[valid], y[valid],
                                      sigma=gsig[valid[ok]] if isinstance(gsig, np.ndarray) else gsig)
         dqdx[valid], dqdy[valid] = gx, gy
+    hess = None
+    if hessian:
+        from .derivatives import FlatHessian, flat_hessian
+
+        gsig = footprint.get("sigma")
+        h = flat_hessian(flat, x[valid], y[valid], radius=footprint.get("radius"),
+                         sigma=gsig[valid[ok]] if isinstance(gsig, np.ndarray) else gsig)
+        full = [np.full(t.shape, np.nan) for _ in range(3)]
+        for arr, v in zip(full, (h.dxx, h.dyy, h.dxy)):
+            arr[valid] = v
+        hess = FlatHessian(*full, step=h.step)
     return Comparison(t=t_n, q=q, d=d, x=np.where(valid, x, np.nan), y=np.where(valid, y, np.nan),
                       grids=grids, calib=calib, detector=det, dqdx=dqdx, dqdy=dqdy, meta=meta,
-                      footprint_sigma=fp_sigma, footprint_radius=fp_radius)
+                      footprint_sigma=fp_sigma, footprint_radius=fp_radius, hessian=hess)
 
 
 def binned_map(x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int, int],

@@ -26,7 +26,10 @@ __all__ = ["FIGURE_NAMES", "MANIFEST", "FigureFiles", "render_figures", "write_f
 #: every figure name spotflat's correlate stage and demo can write
 FIGURE_NAMES = ("spot_flux_map.png", "t_map.png", "q_map.png", "residual_map.png", "t_vs_q.png",
                 "residual_hist.png", "amp_residuals.png", "residual_vs_boundary.png", "mismatch_recovery.png",
-                "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_q.png", "xx_vs_q.png", "yy_vs_q.png", "xy_vs_q.png")
+                "dx_vs_dqdx.png", "dy_vs_dqdy.png", "size_vs_lapq.png", "xx-yy_vs_d2q_xx-yy.png",
+                "xy_vs_d2qdxdy.png", "xx_vs_d2qdx2.png", "yy_vs_d2qdy2.png",
+                # names of earlier versions (shapes against q), removed when a new run replaces them
+                "size_vs_q.png", "xx_vs_q.png", "yy_vs_q.png", "xy_vs_q.png")
 
 #: file in the output folder listing the figures the last run wrote
 MANIFEST = ".spotflat-figures"
@@ -126,9 +129,13 @@ def render_figures(res, bin: int | None = None) -> dict[str, Figure]:
         yy = float(np.nanmean(np.where(v, comp.grids.yy, np.nan)))
     names = {"dx": ("centroid shift dx", "pix"), "dy": ("centroid shift dy", "pix"),
              "size": ("relative size change (xx + yy)", ""), "xx": ("relative xx change", ""),
-             "yy": ("relative yy change", ""), "xy": ("xy change", "pix2")}
+             "yy": ("relative yy change", ""), "xy": ("xy change", "pix2"), "xx-yy": ("xx − yy change", "pix2")}
     against_names = {"dqdx": ("flat gradient dq/dx", "1/pix"), "dqdy": ("flat gradient dq/dy", "1/pix"),
-                     "q": ("flat relative response q − 1", "")}
+                     "q": ("flat relative response q − 1", ""),
+                     "lapq": ("flat Laplacian d²q/dx² + d²q/dy²", "1/pix2"),
+                     "d2q_xx-yy": ("flat d²q/dx² − d²q/dy²", "1/pix2"),
+                     "d2qdxdy": ("flat d²q/dxdy", "1/pix2"), "d2qdx2": ("flat d²q/dx²", "1/pix2"),
+                     "d2qdy2": ("flat d²q/dy²", "1/pix2")}
     for quantity, st in res.stats.items():
         if quantity == "flux":
             continue

@@ -34,15 +34,18 @@ __all__ = [
     "write_figures",
 ]
 
-#: quantity -> what it is correlated against (DESIGN.md section 2, issue 5 item 3)
+#: quantity -> its regressor (the ``against`` column; DESIGN.md section 2, issue 12 item 5):
+#: the flux against q, centroid shifts against the flat's gradient, second moments against
+#: its second derivatives (spotflat.derivatives.REGRESSORS)
 QUANTITY_PAIRS = {
     "flux": "q",
     "dx": "dqdx",
     "dy": "dqdy",
-    "size": "q",
-    "xx": "q",
-    "yy": "q",
-    "xy": "q",
+    "size": "lapq",
+    "xx-yy": "d2q_xx-yy",
+    "xy": "d2qdxdy",
+    "xx": "d2qdx2",
+    "yy": "d2qdy2",
 }
 
 
@@ -99,10 +102,15 @@ def quantity_pair(comp: Comparison, quantity: str) -> tuple[np.ndarray, np.ndarr
     """The two ``[spot, exposure]`` arrays correlated for ``quantity``.
 
     ``flux`` is ``t`` against ``q``. Centroid shifts ``dx``, ``dy`` are
-    compared with the flat's gradient along the same axis; shapes ``xx``,
-    ``yy``, ``xy`` and ``size = xx + yy`` with ``q``. Every quantity other
-    than ``t`` is taken relative to its own spot's mean (a spot's mean shift
-    or size is a property of the projector, not of the pixels).
+    compared with the flat's gradient along the same axis; the second
+    moments with the flat's second derivatives over the same footprint
+    (:mod:`spotflat.derivatives`): ``size = xx + yy`` with the Laplacian,
+    ``xx - yy`` with ``d2q/dx2 - d2q/dy2``, ``xy`` with ``d2q/dxdy``, ``xx``
+    and ``yy`` with ``d2q/dx2`` and ``d2q/dy2``. Every quantity other than
+    ``t`` is taken relative to its own spot's mean (a spot's mean shift or
+    size is a property of the projector, not of the pixels), and so is each
+    regressor; ``size``, ``xx``, ``yy`` are relative changes (divided by the
+    spot's mean), ``xx - yy`` and ``xy`` changes in pix**2.
 
     Returns
     -------
@@ -116,14 +124,19 @@ def quantity_pair(comp: Comparison, quantity: str) -> tuple[np.ndarray, np.ndarr
     valid = comp.valid
     if against == "q":
         b = comp.q
-    else:
+    elif against in ("dqdx", "dqdy"):
         if comp.dqdx is None:
             raise InputError(f"quantity {quantity!r} needs the flat gradient (gradient=True)")
         b = _centre_per_spot(comp.dqdx if against == "dqdx" else comp.dqdy, valid)
+    else:
+        if comp.hessian is None:
+            raise InputError(f"quantity {quantity!r} needs the flat's second derivatives (hessian=True)")
+        b = _centre_per_spot(comp.hessian.regressor(against), valid & np.isfinite(comp.hessian.dxx))
     if quantity == "flux":
         a = comp.t
     else:
-        raw = comp.grids.quantity(quantity)
+        g = comp.grids
+        raw = g.quantity("xx") - g.quantity("yy") if quantity == "xx-yy" else g.quantity(quantity)
         ok = valid & np.isfinite(raw)
         if ok.sum() < 3:
             raise InputError(f"quantity {quantity!r} is not measured in the spot data")
@@ -149,7 +162,10 @@ class CorrelateResult:
         ``slope_high``; then ``slope_raw``, ``reliability``, ``ndof``,
         ``nunit``, ``nspot``, ``npoint``, ``error_method`` and the
         method-specific columns (bootstrap, jackknife, block, null,
-        permutation).
+        permutation); for the shape rows (regressed on the flat's second
+        derivatives) ``regressor_reliability``, ``1 - var(noise) / var``
+        of the regressor from the flat's photon noise (their slope is not
+        corrected for it).
     comparison : Comparison
     stats : dict
         ``quantity -> CorrelationResult``.
@@ -212,6 +228,7 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
 
     ncols, nrows = comp.grids.grid_shape
     rows, out, parts = [], {}, {}
+    noise_h = None
     rng = np.random.SeedSequence(seed)
     ntask = sum(len(_components_for(q)) for q in quantities) if comp.detector else len(quantities)
     with progress_bar(ntask, f"Resampling ({nboot} bootstrap, {nnull} null)", show=progress) as advance:
@@ -235,11 +252,47 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
                 out[quantity] = res
                 advance(1)
             parts[quantity] = res_list
+            extra = {}
+            if against in _HESSIAN_REGRESSORS:  # the flat's noise in its second derivatives (no EIV fix)
+                noise_h = noise_h or _noise_hessian(comp, seed)
+                if noise_h is not None:
+                    extra["regressor_reliability"] = _reliability(b, noise_h.regressor(against))
             for cr in res_list:
                 row = {"quantity": quantity, "against": against}
                 row.update(cr.as_row())
+                row.update(extra)
                 rows.append(row)
     return _rows_table(rows), out, parts
+
+
+_HESSIAN_REGRESSORS = ("lapq", "d2qdx2", "d2qdy2", "d2q_xx-yy", "d2qdxdy")
+
+
+def _noise_hessian(comp: Comparison, seed: int):
+    """Second derivatives of the flat's photon noise alone at the valid points (None if unknown)."""
+    from .derivatives import FlatHessian, noise_hessian
+    from .geometry import ccd_shape
+
+    if not comp.flat_electrons or comp.hessian is None:
+        return None
+    v = comp.valid & np.isfinite(comp.hessian.dxx)
+    shape = (tuple(ccd_shape(comp.detector)) if comp.detector
+             else (int(np.nanmax(comp.y)) + 8, int(np.nanmax(comp.x)) + 8))
+    sig = None if comp.footprint_sigma is None else np.broadcast_to(comp.footprint_sigma[:, None], v.shape)[v]
+    h = noise_hessian(shape, comp.x[v], comp.y[v], comp.flat_electrons, sigma=sig,
+                      radius=comp.footprint_radius, seed=np.random.default_rng([seed, 12]))
+    full = [np.full(v.shape, np.nan) for _ in range(3)]
+    for arr, val in zip(full, (h.dxx, h.dyy, h.dxy)):
+        arr[v] = val
+    return FlatHessian(*full, step=h.step)
+
+
+def _reliability(b: np.ndarray, noise: np.ndarray) -> float:
+    """``1 - var(noise) / var(b)`` over the points, both centred per spot like ``b``."""
+    ok = np.isfinite(b) & np.isfinite(noise)
+    n = _centre_per_spot(noise, ok)
+    vb, vn = float(np.var(b[ok])), float(np.var(n[ok]))
+    return 1.0 - vn / vb if vb > 0 else float("nan")
 
 
 _STRING_COLUMNS = ("quantity", "against", "component", "error_method", "block", "method")
@@ -327,7 +380,9 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     check_flat_varies(flat, flat_path)
     comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius, weight=weight,
                               detector=calib.detector or None,
-                              gradient=any(QUANTITY_PAIRS.get(q, "q") != "q" for q in quantities))
+                              gradient=any(QUANTITY_PAIRS.get(q) in ("dqdx", "dqdy") for q in quantities),
+                              hessian=any(QUANTITY_PAIRS.get(q) not in ("q", "dqdx", "dqdy", None)
+                                          for q in quantities))
     comp.flat_electrons = electrons
     results, stats, parts = correlate_quantities(comp, quantities, nboot=nboot, nnull=nnull, block=block,
                                                  patch_size=patch_size, seed=seed, method=method,

@@ -298,17 +298,19 @@ def expected_relation(quantity: str, xx: float | None = None, yy: float | None =
     the flat (slope 1), and a response gradient across a Gaussian spot of
     second moment ``xx`` pulls its centroid up the gradient by
     ``xx * dq/dx``. A pixel-area variation caused by lateral fields (tree
-    rings) moves charge between pixels: the spot keeps its flux (slope 0),
-    looks smaller where pixels are larger (relative size slope -1 for a
-    round spot) and moves by the charge displacement, whose ratio to
-    ``dq/dx`` is ``(P / 2 pi)**2`` for rings of period ``P`` (no fixed value).
+    rings) moves charge between pixels: the spot keeps its flux (slope 0)
+    and moves by the charge displacement, whose ratio to ``dq/dx`` is
+    ``(P / 2 pi)**2`` for rings of period ``P`` (no fixed value). The second
+    moments against the flat's second derivatives: QE gives
+    ``Sigma H Sigma`` (slopes fixed by the spot's moments), pixel area a
+    positive slope as well, ``(P / 2 pi)**2`` times larger.
 
     Parameters
     ----------
     quantity : str
-        ``flux``, ``dx``, ``dy``, ``size``, ``xx``, ``yy`` or ``xy``.
+        ``flux``, ``dx``, ``dy``, ``size``, ``xx``, ``yy``, ``xx-yy`` or ``xy``.
     xx, yy : float, optional
-        Mean second moments of the spots (pix^2), for the centroid slope.
+        Mean second moments of the spots (pix^2), for the QE slopes.
 
     Returns
     -------
@@ -326,12 +328,21 @@ def expected_relation(quantity: str, xx: float | None = None, yy: float | None =
                                     f"slope {mom:.2f} pix²", float(mom)))
         return Relation(exps, note="lateral fields (tree rings): slope (P/2π)² for ring period P, "
                                    "no fixed value", slope_unit="pix²")
-    if quantity == "size":
-        return Relation([Expectation("QE: size does not follow q: slope 0", 0.0),
-                         Expectation("pixel area (spot smaller on larger pixels): slope −1", -1.0)])
-    if quantity in ("xx", "yy"):
-        return Relation([Expectation("QE: slope 0", 0.0)],
-                        note="pixel area: slope −2 to 0, by the direction of the stretch")
+    # second moments against the flat's second derivatives (docs/science.rst, "Shapes and
+    # centroids"): QE gives Sigma H Sigma, slopes fixed by the spot's moments; pixel area
+    # (charge displaced by u, flat -div u) gives J Sigma + Sigma J: the same (positive) sign
+    # and a slope (P / 2 pi)**2-times larger, P the structure's period
+    area = "pixel area: positive slope too, (P/2π)² × the QE one for structure of period P"
+    ok = xx is not None and yy is not None and np.isfinite(xx) and np.isfinite(yy)
+    qe = {"size": ("relative size = (xx+yy)/4 · ∇²q", (xx + yy) / 4 if ok else None, "pix²"),
+          "xx": ("relative xx = xx · d²q/dx²", xx if ok else None, "pix²"),
+          "yy": ("relative yy = yy · d²q/dy²", yy if ok else None, "pix²"),
+          "xx-yy": ("Δ(xx−yy) = ((xx+yy)/2)² (d²q/dx² − d²q/dy²)", ((xx + yy) / 2) ** 2 if ok else None, "pix⁴"),
+          "xy": ("Δxy = xx·yy · d²q/dxdy", xx * yy if ok else None, "pix⁴")}
+    if quantity in qe:
+        text, slope, unit = qe[quantity]
+        exps = [Expectation(f"QE: {text}, slope {slope:.3g} {unit}", float(slope))] if slope is not None else []
+        return Relation(exps, note=area, slope_unit=unit)
     return Relation(note=f"no simple expected relation for {quantity}")
 
 

@@ -43,7 +43,8 @@ def _is_many(calib: Path) -> bool:
                    "name or header); for the focal-plane form.")
 @click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--quantity", default="flux", show_default=True,
-              help="Comma-separated: flux, dx, dy, size, xx, yy, xy.")
+              help="Comma-separated: flux, dx, dy (against the flat gradient), size, xx-yy, xy, xx, yy "
+                   "(against its second derivatives).")
 @click.option("--nboot", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Bootstrap resamples over spots.")
 @click.option("--nnull", type=click.IntRange(min=0), default=1000, show_default=True,
