@@ -105,7 +105,7 @@ def _row(feature: str, prof, nsigma: float, min_snr: float) -> dict:
 
 def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used: np.ndarray | None = None,
                    centre: tuple[float, float] | None = None, nboot: int = 200, seed: int = 0,
-                   nsigma: float = 3.0, min_snr: float = 5.0) -> Verdict:
+                   nsigma: float = 3.0, min_snr: float = 5.0, t: np.ndarray | None = None) -> Verdict:
     """Profiles and verdict of one sensor's tree rings and edge roll-off.
 
     Parameters
@@ -127,6 +127,9 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
     seed : int
     nsigma, min_snr : float
         Thresholds of :func:`classify`.
+    t : numpy.ndarray, optional
+        Relative throughput already computed (see
+        :func:`spotflat.profiles.point_quantities`); default: refitted.
 
     Returns
     -------
@@ -136,7 +139,7 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
 
     flat = np.asarray(flat, dtype=float)
     rng = np.random.default_rng(seed)
-    pq = point_quantities(grids, flat, used, detector=detector)
+    pq = point_quantities(grids, flat, used, detector=detector, t=t)
     profs = {}
     c = centre or treering_centre(detector)
     if c is not None:
@@ -166,12 +169,13 @@ def correlate_hook(comp, flat: np.ndarray, nboot: int = 200, seed: int = 0) -> V
     """The verdict for :func:`spotflat.pipeline.run_correlate` (None when it cannot be formed).
 
     Uses the comparison's spot data, its points (the calibration's kept
-    ones) and detector; a verdict that cannot be computed (too few points)
+    ones), its relative throughput ``t`` (the calibration's ``F`` and ``s``:
+    no second fit) and detector; a verdict that cannot be computed (too few points)
     is None rather than an error: the correlation results stand on their own.
     """
     used = np.isfinite(comp.t)
     try:
         return sensor_verdict(comp.grids, np.asarray(flat, float), comp.detector or None, used=used,
-                              nboot=nboot, seed=seed)
+                              nboot=nboot, seed=seed, t=comp.t)
     except InputError:
         return None
