@@ -75,20 +75,33 @@ def test_classify_rules():
     assert classify(1.0, 0.1, 0.0, 0.1, 2) == "undetected"  # the flat shows no rings
 
 
-def test_correlate_writes_verdict_table(tmp_path):
-    """``spotflat correlate`` gains the profiles and verdict (one row per feature)."""
+def test_focal_plane_verdict_has_a_row_per_detector_and_feature(tmp_path):
+    """``spotflat correlate`` gains the profiles and verdict: per detector one row per feature, and in
+    focal-plane mode ``verdict.ecsv`` at the top with one row per (detector, feature) and a ``detector`` column."""
     from spotflat import build_calibration, read_grids
-    from spotflat.pipeline import run_correlate, write_outputs
+    from spotflat.calibration import write_calibration
+    from spotflat.focalplane import correlate_focal_plane
     from spotflat.simulate import simulate_run
 
-    sim = simulate_run(tmp_path / "sim", detector=DET, ndither=6, seed=2, ncols=15, nrows=15, xstep=200.0,
-                       response=ResponseParams(treering_boost=25.0))
-    cal = build_calibration(read_grids(sim.spot_files), min_dithers=3)
-    res = run_correlate(cal, sim.flat_path, nboot=20, nnull=20, block="patch")
-    files = write_outputs(res, tmp_path / "out", figures=False)
-    assert tmp_path / "out" / "verdict.ecsv" in files
+    calibs, flats = {}, {}
+    for det, seed in (("R22_S20", 2), ("R22_S11", 5)):
+        sim = simulate_run(tmp_path / det, detector=det, ndither=6, seed=seed, ncols=12, nrows=12, xstep=250.0,
+                           response=ResponseParams(treering_boost=25.0))
+        cal = build_calibration(read_grids(sim.spot_files), min_dithers=3)
+        write_calibration(cal, tmp_path / f"calib_{det}.fits")
+        calibs[det], flats[det] = tmp_path / f"calib_{det}.fits", sim.flat_path
+    res = correlate_focal_plane(calibs, flats, tmp_path / "out", figures=False, nboot=10, nnull=10, block="patch")
     t = Table.read(tmp_path / "out" / "verdict.ecsv")
-    assert list(t["feature"]) == ["treering", "edge"]
+    assert t.colnames[:2] == ["detector", "feature"]
+    assert [(d, f) for d, f in zip(t["detector"], t["feature"])] == [
+        ("R22_S20", "treering"), ("R22_S20", "edge"), ("R22_S11", "treering"), ("R22_S11", "edge")]
     assert set(t["verdict"]) <= {"qe", "area", "mixed", "undetected"}
-    assert (tmp_path / "out" / "profiles.ecsv").exists()
-
+    for det in calibs:  # each detector's rows are its own verdict.ecsv's
+        own = Table.read(tmp_path / "out" / det / "verdict.ecsv")
+        assert list(own["feature"]) == ["treering", "edge"]
+        assert (tmp_path / "out" / det / "profiles.ecsv").exists()
+        mine = t[t["detector"] == det]
+        for col in own.colnames:
+            a, b = np.asarray(own[col]), np.asarray(mine[col])
+            assert (np.allclose(a, b, equal_nan=True) if a.dtype.kind == "f" else list(a) == list(b)), col
+    assert len(res.verdict) == 4
