@@ -105,3 +105,27 @@ def test_focal_plane_verdict_has_a_row_per_detector_and_feature(tmp_path):
             a, b = np.asarray(own[col]), np.asarray(mine[col])
             assert (np.allclose(a, b, equal_nan=True) if a.dtype.kind == "f" else list(a) == list(b)), col
     assert len(res.verdict) == 4
+
+
+def test_ring_centre_fitted_from_the_flat(strong):
+    """The centre from the flat alone: the simulated sensor's (the table's), and one injected elsewhere."""
+    from spotflat.ringcentre import fit_treering_centre
+    from spotflat.treerings import area_factor_map
+    from spotflat.verdict import MIN_COHERENCE, _centre
+
+    sim, _ = strong["area"]
+    got = fit_treering_centre(sim.flat, DET)  # its PRNU, dust and gain steps too
+    assert np.hypot(*np.subtract(got.centre, sim.treering.centre)) < 10, (got, sim.treering.centre)
+    assert got.coherence > MIN_COHERENCE
+    # rings about a centre no table has (other side of the CCD), realistic flat noise
+    true = (-2500.0, 6100.0)
+    rng = np.random.default_rng(4)
+    flat = area_factor_map(sim.treering.with_centre(true), sim.flat.shape)
+    flat = flat * (1 + rng.standard_normal(flat.shape).astype(np.float32) / np.sqrt(50000.0))
+    c, source = _centre("fit", None, flat)
+    assert source == "fit" and np.hypot(c[0] - true[0], c[1] - true[1]) < 10, c
+    # noise alone: no coherent rings, no centre (and the table wins for a known detector)
+    noise = 1 + rng.standard_normal((1024, 1024)) / np.sqrt(50000.0)
+    assert fit_treering_centre(noise).coherence < MIN_COHERENCE
+    assert _centre(None, "UNKNOWN", noise) == (None, "fit")
+    assert _centre(None, DET, noise)[1] == "table"
