@@ -351,9 +351,9 @@ def solve_starflat(x: np.ndarray, y: np.ndarray, flux: np.ndarray, flux_err: np.
         if keep.sum() < 3:
             raise InputError("too few usable spot measurements for a response map",
                              expected="dithered spot data with positive fluxes on the CCD")
-        if it == 0 and nbin_visited(key, keep) > max_dense:
+        if it == 0 and _nbin_visited(key, keep) > max_dense:
             # checked before the dense reduced matrices are allocated (later rounds only drop points)
-            raise InputError(f"{nbin_visited(key, keep)} visited map bins is more than the exact error analysis "
+            raise InputError(f"{_nbin_visited(key, keep)} visited map bins is more than the exact error analysis "
                              f"handles ({max_dense})", expected="a larger --binsize")
         fit = _fit(logf, sig, key, keep, nbx * nby, amp_lab, amps)
         niter += 1
@@ -493,7 +493,7 @@ def _prune(keep: np.ndarray, min_points: int) -> np.ndarray:
         keep[:, bad_j] = False
 
 
-def nbin_visited(key: np.ndarray, keep: np.ndarray) -> int:
+def _nbin_visited(key: np.ndarray, keep: np.ndarray) -> int:
     """Distinct bin terms (bins, per region) the kept points fall in."""
     return int(np.unique(key[keep]).size)
 
