@@ -86,9 +86,9 @@ from spotflat import read_grids
 from spotflat.starflat import solve_starflat
 import time
 g = read_grids(D, detector="R22_S20")
-t0 = time.perf_counter()
+ts = time.perf_counter()  # (not t0: that times the whole stage, read included)
 st = solve_starflat(g.x, g.y, g.flux, g.flux_err, shape=(4004, 4096), binsize=B)
-EXTRA["solve_s"] = time.perf_counter() - t0
+EXTRA["solve_s"] = time.perf_counter() - ts
 EXTRA["summary"] = st.summary()
 """,
     "response_cli": """
