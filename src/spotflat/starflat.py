@@ -91,6 +91,8 @@ class StarFlat:
         1 and ``scale_errors`` is on (else 1).
     ndegenerate : int
         Degenerate modes besides the global level.
+    niter : int
+        Direct solves made (one, plus one per clipping round that dropped points).
     dither_box : tuple of float
         Peak-to-peak spread of the grid origins over exposures, ``(x, y)``
         pixels: the dithers constrain scales up to about this size.
