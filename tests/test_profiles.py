@@ -75,20 +75,57 @@ def test_classify_rules():
     assert classify(1.0, 0.1, 0.0, 0.1, 2) == "undetected"  # the flat shows no rings
 
 
-def test_correlate_writes_verdict_table(tmp_path):
-    """``spotflat correlate`` gains the profiles and verdict (one row per feature)."""
+def test_focal_plane_verdict_has_a_row_per_detector_and_feature(tmp_path):
+    """``spotflat correlate`` gains the profiles and verdict: per detector one row per feature, and in
+    focal-plane mode ``verdict.ecsv`` at the top with one row per (detector, feature) and a ``detector`` column."""
     from spotflat import build_calibration, read_grids
-    from spotflat.pipeline import run_correlate, write_outputs
+    from spotflat.calibration import write_calibration
+    from spotflat.focalplane import correlate_focal_plane
     from spotflat.simulate import simulate_run
 
-    sim = simulate_run(tmp_path / "sim", detector=DET, ndither=6, seed=2, ncols=15, nrows=15, xstep=200.0,
-                       response=ResponseParams(treering_boost=25.0))
-    cal = build_calibration(read_grids(sim.spot_files), min_dithers=3)
-    res = run_correlate(cal, sim.flat_path, nboot=20, nnull=20, block="patch")
-    files = write_outputs(res, tmp_path / "out", figures=False)
-    assert tmp_path / "out" / "verdict.ecsv" in files
+    calibs, flats = {}, {}
+    for det, seed in (("R22_S20", 2), ("R22_S11", 5)):
+        sim = simulate_run(tmp_path / det, detector=det, ndither=6, seed=seed, ncols=12, nrows=12, xstep=250.0,
+                           response=ResponseParams(treering_boost=25.0))
+        cal = build_calibration(read_grids(sim.spot_files), min_dithers=3)
+        write_calibration(cal, tmp_path / f"calib_{det}.fits")
+        calibs[det], flats[det] = tmp_path / f"calib_{det}.fits", sim.flat_path
+    res = correlate_focal_plane(calibs, flats, tmp_path / "out", figures=False, nboot=10, nnull=10, block="patch")
     t = Table.read(tmp_path / "out" / "verdict.ecsv")
-    assert list(t["feature"]) == ["treering", "edge"]
+    assert t.colnames[:2] == ["detector", "feature"]
+    assert [(d, f) for d, f in zip(t["detector"], t["feature"])] == [
+        ("R22_S20", "treering"), ("R22_S20", "edge"), ("R22_S11", "treering"), ("R22_S11", "edge")]
     assert set(t["verdict"]) <= {"qe", "area", "mixed", "undetected"}
-    assert (tmp_path / "out" / "profiles.ecsv").exists()
+    for det in calibs:  # each detector's rows are its own verdict.ecsv's
+        own = Table.read(tmp_path / "out" / det / "verdict.ecsv")
+        assert list(own["feature"]) == ["treering", "edge"]
+        assert (tmp_path / "out" / det / "profiles.ecsv").exists()
+        mine = t[t["detector"] == det]
+        for col in own.colnames:
+            a, b = np.asarray(own[col]), np.asarray(mine[col])
+            assert (np.allclose(a, b, equal_nan=True) if a.dtype.kind == "f" else list(a) == list(b)), col
+    assert len(res.verdict) == 4
 
+
+def test_ring_centre_fitted_from_the_flat(strong):
+    """The centre from the flat alone: the simulated sensor's (the table's), and one injected elsewhere."""
+    from spotflat.ringcentre import fit_treering_centre
+    from spotflat.treerings import area_factor_map
+    from spotflat.verdict import MIN_COHERENCE, _centre
+
+    sim, _ = strong["area"]
+    got = fit_treering_centre(sim.flat, DET)  # its PRNU, dust and gain steps too
+    assert np.hypot(*np.subtract(got.centre, sim.treering.centre)) < 10, (got, sim.treering.centre)
+    assert got.coherence > MIN_COHERENCE
+    # rings about a centre no table has (other side of the CCD), realistic flat noise
+    true = (-2500.0, 6100.0)
+    rng = np.random.default_rng(4)
+    flat = area_factor_map(sim.treering.with_centre(true), sim.flat.shape)
+    flat = flat * (1 + rng.standard_normal(flat.shape).astype(np.float32) / np.sqrt(50000.0))
+    c, source = _centre("fit", None, flat)
+    assert source == "fit" and np.hypot(c[0] - true[0], c[1] - true[1]) < 10, c
+    # noise alone: no coherent rings, no centre (and the table wins for a known detector)
+    noise = 1 + rng.standard_normal((1024, 1024)) / np.sqrt(50000.0)
+    assert fit_treering_centre(noise).coherence < MIN_COHERENCE
+    assert _centre(None, "UNKNOWN", noise) == (None, "fit")
+    assert _centre(None, DET, noise)[1] == "table"

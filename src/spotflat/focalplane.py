@@ -18,7 +18,8 @@ The work is cut into independent pieces handed to a
   a hidden staging folder. A task holds a per-process lock while it works,
   so no process has more than one CCD's flat in memory. Only when every
   detector succeeded are the folders moved into place and the focal-plane
-  summary (``focal_plane_summary.ecsv``, ``focal_plane_amps.ecsv``) and
+  summary (``focal_plane_summary.ecsv``, ``focal_plane_amps.ecsv``, and
+  ``verdict.ecsv`` with one row per detector and feature) and
   figure (``focal_plane.png``) written; a failure removes the staging
   folder, so there is never a partial focal plane.
 
@@ -441,7 +442,13 @@ def _summary_rows(det: str, res) -> dict:
             amps.append({"detector": det, "amp": str(a["amp"]), "nspot": int(a["nspot"]),
                          "npoint": int(a["npoint"]), "r": float(r_amp), "d_mean": float(a["d_mean"]),
                          "d_mean_err": float(a["d_mean_err"]), "d_rms": float(a["d_rms"])})
-    return {"ccd": row, "amps": amps}
+    # QE or pixel area (spotflat.verdict): the detector's rows, one per feature, tagged with it
+    verdict = []
+    if getattr(res, "verdict", None) is not None:
+        for r in res.verdict.table:
+            verdict.append({"detector": det, **{c: (r[c].item() if hasattr(r[c], "item") else r[c])
+                                                for c in res.verdict.table.colnames}})
+    return {"ccd": row, "amps": amps, "verdict": verdict}
 
 
 @dataclass
@@ -459,6 +466,11 @@ class FocalPlaneResult:
         One row per detector and amplifier (``focal_plane_amps.ecsv``):
         ``detector``, ``amp``, ``nspot``, ``npoint``, ``r``, ``d_mean``,
         ``d_mean_err``, ``d_rms``.
+    verdict : astropy.table.Table
+        QE or pixel area (``verdict.ecsv`` at the top of the output): one
+        row per detector and feature, the columns of each detector's own
+        ``verdict.ecsv`` (:mod:`spotflat.verdict`) after ``detector``;
+        empty when no detector's verdict could be formed.
     files : list of pathlib.Path
         Files and per-detector folders written.
     """
@@ -466,6 +478,17 @@ class FocalPlaneResult:
     summary: Table
     amps: Table
     files: list
+    verdict: Table = field(default_factory=Table)
+
+
+def _verdict_table(rows: list[dict], meta: dict) -> Table:
+    """One row per (detector, feature) from the detectors' verdicts."""
+    vrows = [v for r in rows for v in r.get("verdict", [])]
+    table = Table(rows=vrows) if vrows else Table(names=("detector", "feature", "verdict"), dtype=(str, str, str))
+    table.meta.update(meta)
+    for col in ("TRCX", "TRCY", "DETECTOR"):  # per-detector cards do not describe the whole table
+        table.meta.pop(col, None)
+    return table
 
 
 def _tables(rows: list[dict], meta: dict) -> tuple[Table, Table]:
@@ -548,6 +571,7 @@ def correlate_focal_plane(calibs: dict[str, str | os.PathLike], flats: dict[str,
         meta = provenance_cards(NDET=len(rows), **{k.upper()[:8]: v for k, v in params.items()
                                                   if isinstance(v, (int, float, str, bool))})
         summary, amps = _tables(rows, meta)
+        verdict = _verdict_table(rows, meta)
         # every detector succeeded: now, and only now, put the results in place
         for det in calibs:
             final = outdir / det
@@ -555,7 +579,8 @@ def correlate_focal_plane(calibs: dict[str, str | os.PathLike], flats: dict[str,
                 shutil.rmtree(final)
             os.replace(stage / det, final)
             files.append(final)
-        for table, name in ((summary, "focal_plane_summary.ecsv"), (amps, "focal_plane_amps.ecsv")):
+        for table, name in ((summary, "focal_plane_summary.ecsv"), (amps, "focal_plane_amps.ecsv"),
+                            (verdict, "verdict.ecsv")):
             with atomic_path(outdir / name) as tmp:
                 table.write(tmp, format="ascii.ecsv")
             files.append(outdir / name)
@@ -572,7 +597,7 @@ def correlate_focal_plane(calibs: dict[str, str | os.PathLike], flats: dict[str,
         shutil.rmtree(stage, ignore_errors=True)
         if own:
             runner.close()
-    return FocalPlaneResult(summary=summary, amps=amps, files=files)
+    return FocalPlaneResult(summary=summary, amps=amps, files=files, verdict=verdict)
 
 
 def _spot_paths_by_detector(spotdata, detectors: Sequence[str]) -> dict[str, dict[str, str]]:

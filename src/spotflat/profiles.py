@@ -126,7 +126,7 @@ def _remove_amp_levels(out: dict, detector: str) -> None:
 
 
 def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | None = None,
-                     detector: str | None = None) -> dict:
+                     detector: str | None = None, t: np.ndarray | None = None) -> dict:
     """Per-point ``t - 1``, centroid shift, relative size and flat, each relative to its spot's mean.
 
     Parameters
@@ -140,6 +140,12 @@ def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | N
     detector : str, optional
         With a flat: subtract each amplifier's median from the flux and
         flat deviations (gain steps are not what the profiles are about).
+    t : numpy.ndarray, optional
+        The relative throughput ``f / (F s)`` already computed (e.g. a
+        comparison's ``t``, from the calibration's ``F`` and ``s``); points
+        where it is not finite are not used. Default: ``F`` and ``s`` fitted
+        here (:func:`spotflat.calibration.estimate_scales`). Either way only
+        its deviation from each spot's mean enters.
 
     Returns
     -------
@@ -156,10 +162,16 @@ def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | N
     ok = np.isfinite(f) & (f > 0) & np.isfinite(grids.x) & np.isfinite(grids.y)
     if used is not None:
         ok &= np.asarray(used, bool)
-    F, s, kept, _, _ = estimate_scales(np.where(ok, f, np.nan))
-    ok &= kept
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = f / (F[:, None] * s[None, :])
+    if t is None:
+        F, s, kept, _, _ = estimate_scales(np.where(ok, f, np.nan))
+        ok &= kept
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = f / (F[:, None] * s[None, :])
+    else:
+        t = np.asarray(t, float)
+        if t.shape != f.shape:
+            raise InputError(f"relative throughput has shape {t.shape}, the spot data {f.shape}")
+        ok &= np.isfinite(t) & (t > 0)
     T = np.asarray(grids.xx, float) + np.asarray(grids.yy, float)
     okT = ok & np.isfinite(T) & (T > 0)
     dx = np.asarray(grids.dx, float)

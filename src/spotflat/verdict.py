@@ -105,7 +105,7 @@ def _row(feature: str, prof, nsigma: float, min_snr: float) -> dict:
 
 def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used: np.ndarray | None = None,
                    centre: tuple[float, float] | None = None, nboot: int = 200, seed: int = 0,
-                   nsigma: float = 3.0, min_snr: float = 5.0) -> Verdict:
+                   nsigma: float = 3.0, min_snr: float = 5.0, t: np.ndarray | None = None) -> Verdict:
     """Profiles and verdict of one sensor's tree rings and edge roll-off.
 
     Parameters
@@ -116,29 +116,35 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
         Normalised flat of the same detector.
     detector : str, optional
         Detector name: the tree-ring centre comes from the packaged imSim
-        table (other detectors need ``centre``; without it the tree-ring row
-        is ``undetected``).
+        table (other detectors: fitted from the flat, see ``centre``).
     used : numpy.ndarray, optional
         Points to use (e.g. a calibration's kept points).
-    centre : tuple of float, optional
-        Override the tree-ring centre (CCD pixels).
+    centre : tuple of float or "fit", optional
+        Override the tree-ring centre (CCD pixels), or ``"fit"``: fit it
+        from the flat (:func:`spotflat.ringcentre.fit_treering_centre`).
+        Default: the table's for known detectors, else fitted from the flat
+        (no tree-ring row when the flat's gradients are not coherent
+        enough, ``min_coherence``).
     nboot : int
         Bootstrap resamples.
     seed : int
     nsigma, min_snr : float
         Thresholds of :func:`classify`.
+    t : numpy.ndarray, optional
+        Relative throughput already computed (see
+        :func:`spotflat.profiles.point_quantities`); default: refitted.
 
     Returns
     -------
     Verdict
     """
-    from .profiles import edge_profiles, point_quantities, radial_profiles, treering_centre
+    from .profiles import edge_profiles, point_quantities, radial_profiles
 
     flat = np.asarray(flat, dtype=float)
     rng = np.random.default_rng(seed)
-    pq = point_quantities(grids, flat, used, detector=detector)
+    pq = point_quantities(grids, flat, used, detector=detector, t=t)
     profs = {}
-    c = centre or treering_centre(detector)
+    c, source = _centre(centre, detector, flat)
     if c is not None:
         try:
             profs["treering"] = radial_profiles(grids, c, flat, used, nboot=nboot, seed=rng, points=pq)
@@ -154,6 +160,7 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
                        "SEED": seed})
     if "treering" in profs:
         table.meta["TRCX"], table.meta["TRCY"] = (float(v) for v in profs["treering"].centre)
+        table.meta["TRCSRC"] = source
     for col, text in (("qe_fraction", "flux amplitude along the flat's pattern (1 = QE-like)"),
                       ("area_fraction", "centroid and size amplitudes combined (1 = area-like)"),
                       ("centroid_fraction", "centroid amplitude along -integral(flat) (1 = area-like)"),
@@ -162,16 +169,42 @@ def sensor_verdict(grids, flat: np.ndarray, detector: str | None = None, *, used
     return Verdict(table=table, profiles=profs)
 
 
+#: tiles' mean gradient coherence below which a flat shows no rings to fit a centre to (noise: ~0.1)
+MIN_COHERENCE = 0.3
+
+
+def _centre(centre, detector, flat):
+    """``(centre, source)``: given, from the table, or fitted from the flat (None when not coherent)."""
+    from .profiles import treering_centre
+
+    if centre is not None and not isinstance(centre, str):
+        return (float(centre[0]), float(centre[1])), "given"
+    if centre not in (None, "fit", "table"):
+        raise InputError(f"unknown tree-ring centre {centre!r}", expected="(x, y), 'fit' or 'table'")
+    if centre != "fit":
+        c = treering_centre(detector)
+        if c is not None or centre == "table":
+            return c, "table"
+    from .ringcentre import fit_treering_centre
+
+    try:
+        fit = fit_treering_centre(flat, detector or None)
+    except InputError:
+        return None, "fit"
+    return (fit.centre if fit.coherence >= MIN_COHERENCE else None), "fit"
+
+
 def correlate_hook(comp, flat: np.ndarray, nboot: int = 200, seed: int = 0) -> Verdict | None:
     """The verdict for :func:`spotflat.pipeline.run_correlate` (None when it cannot be formed).
 
     Uses the comparison's spot data, its points (the calibration's kept
-    ones) and detector; a verdict that cannot be computed (too few points)
+    ones), its relative throughput ``t`` (the calibration's ``F`` and ``s``:
+    no second fit) and detector; a verdict that cannot be computed (too few points)
     is None rather than an error: the correlation results stand on their own.
     """
     used = np.isfinite(comp.t)
     try:
         return sensor_verdict(comp.grids, np.asarray(flat, float), comp.detector or None, used=used,
-                              nboot=nboot, seed=seed)
+                              nboot=nboot, seed=seed, t=comp.t)
     except InputError:
         return None
