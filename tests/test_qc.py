@@ -207,3 +207,61 @@ def test_cli_on_real_run(run_files, tmp_path, run_cli):
 
     qc = Table.read(tmp_path / "out" / "calib_qc.ecsv")
     assert len(qc) == 10 and not qc["used"][list(qc["filename"]).index(run_files[3].name)]
+
+
+def _write_long_run(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` DM catalogues of the 49 x 49 grid dithered over +-130 px on a
+    response with 1 % rings and a 2 % gradient: the exposures at the edges of
+    the dither pattern see more of the response in ``t`` than the others."""
+    from astropy.io import fits
+
+    from spotflat.grids import grid_positions
+
+    rng = np.random.default_rng(seed)
+    ny, nx = 4004, 4096
+    folder.mkdir()
+    F = 3e5 * np.exp(0.03 * rng.standard_normal(2401))
+    out = []
+    for j in range(n):
+        x0, y0 = 2047.5 + rng.uniform(-130, 130), 2001.5 + rng.uniform(-130, 130)
+        gx, gy = grid_positions(x0, y0, 65.3, 65.3, 0.004, 49, 49)
+        idx = np.flatnonzero((gx > 2) & (gx < nx - 3) & (gy > 2) & (gy < ny - 3))
+        x, y = gx[idx] + rng.normal(0, 0.02, idx.size), gy[idx] + rng.normal(0, 0.02, idx.size)
+        R = 1 + 0.01 * np.sin(np.hypot(x + 3000.0, y + 1000.0) / 200.0) + 0.02 * (x / nx - 0.5)
+        ft = F[idx] * np.exp(0.003 * rng.standard_normal()) * R
+        fe = np.sqrt(ft)
+        cols = {"base_SdssCentroid_x": x, "base_SdssCentroid_y": y,
+                "base_SdssShape_xx": np.full(idx.size, 5.0), "base_SdssShape_yy": np.full(idx.size, 5.2),
+                "base_SdssShape_xy": np.zeros(idx.size),
+                "base_SdssShape_instFlux": ft + fe * rng.standard_normal(idx.size),
+                "base_SdssShape_instFluxErr": fe, "spotgrid_index": idx.astype(float),
+                "spotgrid_x": gx[idx], "spotgrid_y": gy[idx]}
+        hdu = fits.BinTableHDU.from_columns([fits.Column(name=k, format="D", array=v) for k, v in cols.items()])
+        info = fits.BinTableHDU.from_columns([fits.Column(name="NORMALIZED_DX", format="D", array=np.zeros(2401))],
+                                             name="GRID_INFO")
+        for k, v in dict(X0=x0, Y0=y0, XSTEP=65.3, YSTEP=65.3, THETA=0.004, NCOLS=49, NROWS=49).items():
+            info.header[k] = v
+        path = folder / f"exp_{j:03d}_{x0:.0f}x_{y0:.0f}y.fits"
+        fits.HDUList([fits.PrimaryHDU(), hdu, info]).writeto(path)
+        out.append(path)
+    return out
+
+
+def test_long_run_keeps_dither_edges_and_names_damage(tmp_path):
+    # a long run: real response structure in t must not exclude the exposures at
+    # the edges of the dither pattern (34 of 200 were, judged against the
+    # exposure median), while damaged exposures are still named
+    files = _write_long_run(tmp_path / "clean", 90)
+    clean = build_calibration(read_grids(tmp_path / "clean", detector="R22_S20"))
+    assert clean.exposures["used"].all(), list(clean.exposures["filename", "reason"][~clean.exposures["used"]])
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    victims = {5: rd.scramble_labels, 17: rd.shift_labels, 40: rd.scale_spots}
+    for i, f in enumerate(files):
+        (victims[i](f, damaged / f.name) if i in victims else shutil.copy(f, damaged / f.name))
+    cal = build_calibration(read_grids(damaged, detector="R22_S20"))
+    e = cal.exposures
+    excluded = {n for n, u in zip(e["filename"], e["used"]) if not u}
+    assert {files[i].name for i in victims} == excluded, list(e["filename", "reason"][~e["used"]])
+    ok = e["used"]
+    np.testing.assert_allclose(cal.s[ok], clean.s[ok], rtol=3e-4)

@@ -278,6 +278,78 @@ def _grid_centres(grids: SpotGrids) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
+#: Alternations of the cell model in the QC residual (long modes trade slowly
+#: between the cell responses and the spot offsets).
+QC_MODEL_ITER = 10
+
+
+def _cell_model(nb, level: int, logt: np.ndarray, used: np.ndarray):
+    """``(r, a, count)``: ``log t[k, j] ~ r[cell] - a[k]`` over the points in use."""
+    cid, ncell = nb.cells(level)
+    good = used & np.isfinite(logt) & (cid >= 0)
+    gk, gj = np.nonzero(good)
+    gl = logt[gk, gj]
+    gc = cid[gk, gj]
+    nspot = logt.shape[0]
+    nk = np.bincount(gk, minlength=nspot).astype(np.float64)
+    nc = np.bincount(gc, minlength=ncell).astype(np.float64)
+    r = np.zeros(ncell)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for _ in range(QC_MODEL_ITER):
+            a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
+            a[nk == 0] = 0.0
+            r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
+    r[~np.isfinite(r)] = 0.0
+    return r, a, nc
+
+
+def _local_residual(grids: SpotGrids, logt: np.ndarray, F, s, used, segment) -> np.ndarray:
+    """``log t`` minus its local expectation (cell response + spot offset, as the
+    point rejection of :func:`spotflat.calibration.estimate_scales` uses), each
+    exposure's median residual removed; ``log t`` minus the exposure's median
+    where no cell (up to four times the finest) holds enough points."""
+    from .calibration import _Neighbourhoods
+
+    f = grids.flux
+    x, y = np.asarray(grids.x, np.float64), np.asarray(grids.y, np.float64)
+    nb = _Neighbourhoods(x, y, np.isfinite(logt), segment)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        invF, invs = 1.0 / F, 1.0 / s
+    expected = np.full(logt.shape, np.nan)
+    todo = np.isfinite(logt) & nb.ok
+    for level in range(nb.LEVELS):
+        if level and np.count_nonzero(todo) < 0.01 * todo.size:
+            break  # the few points left are judged against their exposure's median
+        cid, _ = nb.cells(level)
+        r, a, nc = _cell_model(nb, level, logt, used)
+        enough = todo & (nc[np.maximum(cid, 0)] >= nb.MIN_POINTS) & (cid >= 0)
+        expected[enough] = (r[cid] - a[:, None])[enough]
+        todo &= ~enough
+    res = logt - expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res -= np.nanmedian(res, axis=0)[None, :]
+        plain = logt - np.nanmedian(logt, axis=0)[None, :]
+    return np.where(np.isfinite(expected), res, plain)
+
+
+def _local_metrics(grids: SpotGrids, logt: np.ndarray, F, s, used, sigma: float, exclude: np.ndarray,
+                   segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scatter, width and rejected fraction of each exposure against the local expectation."""
+    res = _local_residual(grids, logt, F, s, used, segment)
+    _, scatter, q10, q90 = _column_stats(res)
+    ref = float(np.nanmedian(scatter[~exclude])) if np.isfinite(scatter[~exclude]).any() else np.nan
+    with np.errstate(invalid="ignore"):
+        out = np.abs(res) > sigma * ref
+    nfin = np.count_nonzero(np.isfinite(res), axis=0)
+    nflag = np.count_nonzero(grids.flags != 0, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rejected = (np.count_nonzero(out, axis=0) + nflag) / (nfin + nflag)
+    return scatter, (q90 - q10) / 2.563, rejected
+
+
+
+
 def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
     """Per-exposure scatter, pattern correlation and rejected fraction against the fit."""
     f = grids.flux
@@ -400,6 +472,19 @@ def _outliers(metric: np.ndarray, pool: np.ndarray, threshold: float, ratio: flo
         return np.zeros(metric.size)
     with np.errstate(invalid="ignore"):
         return np.where(np.isfinite(metric), metric / thr, 0.0)
+
+
+def _score(metrics, pool: np.ndarray, opt: QCOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Largest outlier score of each exposure over ``(name, metric, floor, ratio)``, and its metric's name."""
+    n = pool.size
+    score = np.zeros(n)
+    why = np.array([""] * n, dtype=object)
+    for name, metric, floor, ratio in metrics:
+        sc = _outliers(metric, pool, opt.threshold, ratio, floor)
+        better = sc > score
+        why[better] = name
+        score = np.maximum(score, sc)
+    return score, why
 
 
 def _peak(grids: SpotGrids) -> np.ndarray:
@@ -530,8 +615,6 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
         F, s, used = res[0], res[1], res[2]
         scatter, width, r, rejected, logt, med = _metrics(grids, F, s, used, sigma, exclude)
         pool = ~exclude
-        score = np.zeros(nexp)
-        why = np.array([""] * nexp, dtype=object)
         # the pattern correlation is reported, not a rule of its own: how high a
         # good exposure's r is depends on the spread of F over its spots, and a
         # scrambled exposure already fails the scatter rule
@@ -539,12 +622,19 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
                    ("rejected", rejected, opt.min_rejected, opt.ratio)]
         if pairs is not None:
             metrics.append(("pairs", pairs, 0.0, opt.ratio))
-        for name, metric, floor, ratio in metrics:
-            sc = _outliers(metric, pool, opt.threshold, ratio, floor)
-            better = sc > score
-            why[better] = name
-            score = np.maximum(score, sc)
+        score, why = _score(metrics, pool, opt)
         cand = np.flatnonzero((score > 1) & pool & ~keep)
+        if cand.size and nexp > PAIRWISE_MAX:
+            # a long run: an outlier must also be one against its points' local
+            # expectation -- log t holds real response structure (an exposure at
+            # the edge of a large dither pattern sees more of it), which is not a
+            # fault of the exposure. (Not in short runs: each cell then holds a
+            # few exposures and a bad one inflates everyone's residual.)
+            lsc, lwd, lrej = _local_metrics(grids, logt, F, s, used, sigma, exclude, segment)
+            local, _ = _score([("scatter", lsc, 0.0, opt.ratio), ("width", lwd, 0.0, opt.width_ratio),
+                               ("rejected", lrej, opt.min_rejected, opt.ratio)], pool, opt)
+            score = np.minimum(score, local)
+            cand = np.flatnonzero((score > 1) & pool & ~keep)
         # registration: every suspect, and every exposure of a small run
         small = grids.nspot * nexp <= 300_000
         todo = [j for j in (range(nexp) if small else cand) if j not in tested]
