@@ -478,7 +478,8 @@ def fits_safe(value: object) -> object:
     """
     if not isinstance(value, str):
         return value
-    if all(32 <= ord(c) < 127 for c in value) and "%" not in value:
+    # for ASCII, isprintable() is exactly the codes 32..126
+    if value.isascii() and value.isprintable() and "%" not in value:
         return value
     return urllib.parse.quote(value, safe=_SAFE)
 
@@ -501,10 +502,11 @@ def fits_table_safe(table):
     for name in out.colnames:
         col = out[name]
         if col.dtype.kind == "U" and col.ndim == 1:
-            values = [str(v) for v in col]
-            safe = [fits_safe(v) for v in values]
-            if safe != values:
-                out[name] = np.array(safe, dtype=str)
+            # each distinct value once (a long table repeats a few names)
+            values, inverse = np.unique(np.asarray(col), return_inverse=True)
+            safe = [fits_safe(str(v)) for v in values]
+            if safe != [str(v) for v in values]:
+                out[name] = np.array(safe, dtype=str)[inverse.ravel()]
                 encoded = True
     if encoded:
         out.meta = dict(out.meta)
