@@ -108,6 +108,10 @@ def test_calibration_recovers_simulated_truth(tmp_path):
     # width 1; the clipped mean trims a little real response structure (dust
     # donuts) that the noiseless truth keeps, a bias below the 1.5-sigma level
     assert abs(np.std(pull_s) - 1) < 0.3 and abs(np.mean(pull_s)) < 1.5
+    # the simulator has neither saturation nor brighter-fatter: nothing is flagged
+    # (the flux-size noise correlation once flagged most exposures of such runs)
+    assert not np.any(cal.qc["bf_flag"]), cal.qc["filename", "flux_slope", "size_slope", "top_peak_t"]
+    assert not np.any(cal.spots["bf_flag"])
 
 
 def test_fast_nanmedian_matches_numpy():

@@ -36,7 +36,9 @@ then refits, until no exposure is an outlier. Per exposure (:class:`QCResult`
     dependence of ``t`` and of the spot size on the peak level, and ``t`` of
     the brightest tenth of the spots against the rest (saturation and
     brighter-fatter); ``bf_flag`` when one is significant (5 sigma) and large
-    (0.2 % per e-fold of peak, 1 % at the top).
+    (0.2 % per e-fold of peak, 1 % at the top); the size only when it grows
+    with peak (measurement noise makes bright spots look smaller). The peak
+    level uses the spot's median moments, not the point's own.
 
 The outlier rule, per metric ``m`` (larger is worse): the reference is the
 median of the better half of the exposures in use (so that up to half of a
@@ -488,11 +490,22 @@ def _score(metrics, pool: np.ndarray, opt: QCOptions) -> tuple[np.ndarray, np.nd
 
 
 def _peak(grids: SpotGrids) -> np.ndarray:
-    """Peak level of each spot from its flux and moments (Gaussian)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    """Peak level of each spot from its flux and its *spot's* median moments (Gaussian).
+
+    Not the point's own moments: ``log peak`` would then hold ``-log size``,
+    and the size's measurement noise alone would make size fall with peak
+    (every exposure of a clean simulated run was flagged).
+    """
+    from .calibration import _nanmedian
+
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         xy = np.where(np.isfinite(grids.xy), grids.xy, 0.0)
         det = grids.xx * grids.yy - xy * xy
-        return grids.flux / (2 * np.pi * np.sqrt(np.where(det > 0, det, np.nan)))
+        det = np.where(det > 0, det, np.nan)
+        spot_det = _nanmedian(det, 1) if grids.nexp <= 64 else np.nanmean(det, axis=1)
+        det = np.where(np.isfinite(spot_det)[:, None] & np.isfinite(det), spot_det[:, None], np.nan)
+        return grids.flux / (2 * np.pi * np.sqrt(det))
 
 
 def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: np.ndarray,
@@ -527,7 +540,7 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: n
     st, e2 = _masked_slope(lp, ls_rel, ms)
     with np.errstate(invalid="ignore"):
         flag = ((np.abs(ft) > min_effect) & (np.abs(ft) > nsig * e1)) | \
-               ((np.abs(st) > min_effect) & (np.abs(st) > nsig * e2))
+               ((st > min_effect) & (st > nsig * e2))  # BF grows spots; noise shrinks bright ones
     # saturation bites at the top of the peak range only: t of the brightest
     # tenth against the rest (clipped means)
     with np.errstate(invalid="ignore"):
