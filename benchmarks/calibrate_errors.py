@@ -44,7 +44,7 @@ from astropy.table import Table, vstack
 DETECTOR = "R22_S11"
 METHOD_COLUMNS = ("r_err_bootstrap", "r_err_jackknife", "r_err_block", "r_null_std", "p_value_null",
                   "p_value_perm", "ci_low", "ci_high", "bca_low", "bca_high", "slope_err_bootstrap",
-                  "slope_err_block", "slope_raw", "reliability")
+                  "slope_err_block", "slope_err_jackknife_corrected", "slope_raw", "reliability")
 
 
 def grids_from_simulation(sim, detector: str = DETECTOR, flux_column: str = "base_SdssShape_instFlux"):
