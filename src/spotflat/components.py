@@ -564,6 +564,7 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
                        footprint_sigma: np.ndarray | None = None, footprint_radius: float | None = None,
                        flat_electrons: float | None = None, b_is_flat: bool = True,
                        nboot: int = 1000, nnull: int = 1000, patch_size: int = 10, within_seam: float = 6.0,
+                       block: str = "amp",
                        seed: int | np.random.Generator | None = 0, method: str = "pearson",
                        confidence: float = 0.95, margins: tuple[float, float, float] = (2.0, 40.0, 50.0),
                        progress=None) -> tuple[list[ComponentResult], dict]:
@@ -600,6 +601,10 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         Patch size (grid steps) of the ``within`` block jackknife (10: 25
         blocks of ~650 px on a 49 x 49 grid, larger than the correlation
         length of what is left within the amplifiers).
+    block : {"amp", "patch"}
+        Blocks of the ``all`` row's method-specific block jackknife
+        (``r_err_block``, ``slope_err_block``): the spots' amplifiers or
+        patches of ``patch_size``. The recommended errors do not depend on it.
     within_seam : float
         Points closer than this (pixels) to a seam are left out of the
         ``within`` residuals.
@@ -624,6 +629,8 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     from .resampling import patch_labels
     from .stats import _centred, correlation_analysis, grid_layout
 
+    if block not in ("amp", "patch"):
+        raise InputError(f"unknown block {block!r}", expected="amp or patch")
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
         raise InputError(f"unknown component {bad[0]!r}", expected=", ".join(COMPONENTS))
@@ -695,8 +702,9 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
                 xm = np.nanmean(np.where(valid, x, np.nan), axis=1)
                 ym = np.nanmean(np.where(valid, y, np.nan), axis=1)
             spot_amp = geometry.amp_of_pixel(detector, np.nan_to_num(xm, nan=-1e9), np.nan_to_num(ym, nan=-1e9))
-        res = correlation_analysis(a_all, b_all, grid_shape=grid_shape, block="amp", block_labels=spot_amp,
-                                   nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["all"]),
+        blk = {"block": "amp", "block_labels": spot_amp} if block == "amp" else \
+            {"block": "patch", "patch_size": patch_size}
+        res = correlation_analysis(a_all, b_all, grid_shape=grid_shape, **blk, nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["all"]),
                                    method=method, confidence=confidence)
         A, B, _, _ = _centred(a_all, b_all, valid_all)
         saa, sbb = float(np.sum(A * A)), float(np.sum(B * B))
