@@ -524,19 +524,11 @@ def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw
     s2 = amp_row.extra.get("_resid_var", np.nan)
     w = np.isfinite(dec.wa) & np.isfinite(dec.wb)
     aw, bw = float(np.sum(dec.wa[w] ** 2)), float(np.sum(dec.wb[w] ** 2))
-    # The scatter s2 of the spots' levels about their regression on the flat's has two parts.
-    # (1) The levels' estimation noise: point noise (of a, and of b times the slope) seen through
-    # the fit, with covariance sigma2 (X'X)^+ -- far from diagonal, since the levels are only tied
-    # together by seam-crossing spots (a graph Laplacian). Through X' b it adds sigma2 (X'b)'(X'X)^+(X'b)
-    # to var(sum(da db)), not s2 |X'b|^2 (that overstated the response slope's error 3.4-fold).
-    # (2) The rest: gains of the spots that differ from the flat's, independent per amplifier,
-    # entering as s2_gain |X'b|^2 (what dominates for an unrelated flat).
-    n_ok, ngroup = int(ok.sum()), int(np.unique(dec.group[ok]).size)
-    sw = float(np.sum(dec.wa[w] * dec.wb[w])) / bw if bw > 0 else 0.0
-    sigma2 = float(np.sum((dec.wa[w] - sw * dec.wb[w]) ** 2)) / max(int(w.sum()) - 1, 1)
-    s2_noise = sigma2 * float(np.nansum(dec.level_var[ok])) / max(n_ok - ngroup, 1)
-    s2_gain = max(s2 - s2_noise, 0.0) if np.isfinite(s2) else s2
-    var_step = s2_gain * float(np.sum(np.where(ok, dec.amp_dot_b, 0.0) ** 2)) + sigma2 * dec.amp_proj_b
+    # given b, the spots' levels enter sum(da db) through X' b: steps, illumination and all of b.
+    # (Splitting s2 into the levels' estimation noise, sigma2 (X'b)'(X'X)^+(X'b), and gain scatter
+    # cut the matching flat's error/spread from 3.4 to 2.7 in the simulator but made it too small
+    # on tests/test_components.py's generator: not used until understood.)
+    var_step = s2 * float(np.sum(np.where(ok, dec.amp_dot_b, 0.0) ** 2))
     var_w = float(within_raw.r_err_block) ** 2 * aw * bw  # the within part, over all its points
     sd_cov = np.sqrt(var_step + var_w)
     dof = max(int(amp_row.ndof), 1)
