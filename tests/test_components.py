@@ -20,6 +20,7 @@ from spotflat import geometry
 from spotflat.components import amp_weights, analyse_components, boundary_keep, decompose
 from spotflat.compare import flux_footprint
 from spotflat.eiv import demeaned_noise, flat_electrons, reliability
+from spotflat.errors import InputError
 from spotflat.footprint import sample_flat
 
 DET = "R22_S11"
@@ -118,6 +119,21 @@ def test_recommended_numbers_do_not_need_resamples():
         for name in ("r", "r_err", "r_low", "r_high", "p_value", "slope", "slope_err", "slope_low", "slope_high"):
             assert getattr(full[c], name) == getattr(bare[c], name), (c, name)
     assert np.isfinite(full["all"].extra["p_value_null"]) and np.isfinite(full["amp"].extra["p_value_perm"])
+
+
+def test_block_chooses_the_all_rows_method_blocks_only():
+    t, q, x, y, sig = generate(np.random.default_rng(5), "null")
+    kw = dict(detector=DET, x=x, y=y, grid_shape=(49, 49), footprint_sigma=sig, flat_electrons=5e4, seed=1,
+              nboot=0, nnull=0, components=("all",))
+    (amp,), _ = analyse_components(t, q, block="amp", **kw)
+    (patch,), _ = analyse_components(t, q, block="patch", patch_size=10, **kw)
+    assert amp.extra["block"] == "amp" and patch.extra["block"] == "patch"
+    assert patch.extra["nblocks"] == 25 and amp.extra["nblocks"] == 16
+    assert patch.extra["r_err_block"] != amp.extra["r_err_block"]
+    for name in ("r", "r_err", "r_low", "r_high", "p_value", "slope", "slope_err", "slope_low", "slope_high"):
+        assert getattr(amp, name) == getattr(patch, name), name
+    with pytest.raises(InputError, match="unknown block"):
+        analyse_components(t, q, block="ccd", **kw)
 
 
 @pytest.fixture(scope="module")

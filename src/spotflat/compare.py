@@ -342,6 +342,10 @@ def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
         sig_k = footprint_sigma(np.asarray(spots["xx"], float), np.asarray(spots["yy"], float))
         if kind == "gaussian2":  # the response is seen through G**2
             sig_k = sig_k / np.sqrt(2.0)
+        # the bilinear tent adds 1/6 px^2 of variance: take it off the kernel
+        from .footprint import kernel_sigma
+
+        sig_k = kernel_sigma(sig_k)
         fp_sigma = sig_k
         footprint = {"sigma": np.broadcast_to(sig_k[:, None], t.shape)[ok]}
         meta = {"FOOTPRNT": "gaussian", "SIGMA": "moments", "FPWEIGHT": kind,

@@ -208,9 +208,12 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
     steps, flux only) and ``within`` (within-amplifier structure, seams and
     illumination removed). Without a detector only the classic analysis of
     :func:`spotflat.stats.correlation_analysis` is possible (a block
-    jackknife over patches of ``patch_size``; ``block`` is not used: with a
-    detector each component has its own blocks, without one there are no
+    jackknife over patches of ``patch_size``: without a detector there are no
     amplifiers) and its block-jackknife errors become the recommended ones.
+    ``block`` (``amp`` or ``patch``) chooses the blocks of the ``all`` row's
+    method-specific block jackknife (``r_err_block``, ``slope_err_block``);
+    the recommended errors of every row have their own blocks and do not
+    depend on it.
 
     Returns
     -------
@@ -241,8 +244,8 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
                     components=_components_for(quantity), spot_amp=comp.spot_amp_labels(),
                     footprint_sigma=comp.footprint_sigma, footprint_radius=comp.footprint_radius,
                     flat_electrons=comp.flat_electrons, b_is_flat=against == "q" and quantity == "flux",
-                    nboot=nboot, nnull=nnull, patch_size=patch_size, seed=crng, method=method,
-                    progress=advance)
+                    nboot=nboot, nnull=nnull, patch_size=patch_size, block=block, seed=crng,
+                    method=method, progress=advance)
                 out[quantity] = raw["all"]
             else:
                 res = correlation_analysis(a, b, grid_shape=(nrows, ncols), block="patch",
@@ -337,8 +340,10 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
         Bootstrap and null resamples (the null count is also the number of
         permutations of the amplifier levels).
     block : {"amp", "patch"}
-        Only recorded (``BLOCK`` in the outputs' header): with a detector each
-        component has its own blocks, without one they are patches.
+        Blocks of the ``all`` row's method-specific block jackknife
+        (``r_err_block``, ``slope_err_block``, recorded as ``BLOCK``):
+        amplifiers or patches of ``patch_size``; without a detector always
+        patches. The recommended errors do not depend on it.
     patch_size : int
         Patch size (grid steps) of the ``within`` block jackknife.
     seed : int

@@ -50,9 +50,10 @@ def _is_many(calib: Path) -> bool:
 @click.option("--nnull", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Null (shifted/rotated flat) resamples.")
 @click.option("--block", type=click.Choice(["amp", "patch"]), default="amp", show_default=True,
-              help="Block jackknife over amplifiers or spatial patches of the spot grid.")
+              help="Blocks of the all row's method-specific block jackknife (r_err_block, "
+                   "slope_err_block): amplifiers or patches; the recommended errors do not depend on it.")
 @click.option("--patch-size", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Patch size in grid steps for --block patch.")
+              help="Patch size in grid steps (the within row's blocks, and --block patch).")
 @click.option("--method", type=click.Choice(["pearson", "spearman"]), default="pearson", show_default=True)
 @click.option("--normalize", type=click.Choice(["ccd", "amp"]), default="ccd", show_default=True,
               help="Flat normalisation (amp removes amplifier gain steps).")
