@@ -125,7 +125,7 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
             groups = {detector: select_detector(groups, detector, where=spotdata_dir)}
         explain_groups(groups, min_dithers, spotdata_dir)
         several = len(groups) > 1
-        if to_dir:  # the files this run writes inside the folder: refused now, not after the work
+        if to_dir and output.is_dir():  # the files this run writes inside: refused now, not after the work
             for det in groups:
                 out = _output_for(output, det, several, to_dir)
                 for f in (out, out.with_name(f"{out.stem}_qc.ecsv"), out.with_name(f"{out.stem}_qc.png")):
