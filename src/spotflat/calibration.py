@@ -388,17 +388,24 @@ class _Neighbourhoods:
         gk = np.unravel_index(sel, f.shape, order=order)[0]
         gl = lt.ravel(order=order)[sel]
         gc = cid.ravel(order=order)[sel]
-        nk = np.bincount(gk, minlength=nspot).astype(np.float64)
-        nc = np.bincount(gc, minlength=ncell).astype(np.float64)
-        r = np.zeros(ncell)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            for _ in range(3):
-                a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
-                a[nk == 0] = 0.0
-                r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
-        r[~np.isfinite(r)] = 0.0
-        self._model[level] = (r, a, nc)
+        self._model[level] = cell_means(gk, gc, gl, nspot, ncell, niter=3)
         return self._model[level]
+
+
+def cell_means(gk: np.ndarray, gc: np.ndarray, gl: np.ndarray, nspot: int, ncell: int, niter: int):
+    """``(r, a, count)`` of ``gl ~ r[gc] - a[gk]`` by ``niter`` alternating means
+    (spot index ``gk``, cell index ``gc`` of each point); ``count`` per cell."""
+    nk = np.bincount(gk, minlength=nspot).astype(np.float64)
+    nc = np.bincount(gc, minlength=ncell).astype(np.float64)
+    r = np.zeros(ncell)
+    a = np.zeros(nspot)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for _ in range(niter):
+            a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
+            a[nk == 0] = 0.0
+            r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
+    r[~np.isfinite(r)] = 0.0
+    return r, a, nc
 
 
 def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarray):

@@ -287,36 +287,23 @@ QC_MODEL_ITER = 10
 
 def _cell_model(nb, level: int, logt: np.ndarray, used: np.ndarray):
     """``(r, a, count)``: ``log t[k, j] ~ r[cell] - a[k]`` over the points in use."""
+    from .calibration import cell_means
+
     cid, ncell = nb.cells(level)
     good = used & np.isfinite(logt) & (cid >= 0)
     gk, gj = np.nonzero(good)
-    gl = logt[gk, gj]
-    gc = cid[gk, gj]
-    nspot = logt.shape[0]
-    nk = np.bincount(gk, minlength=nspot).astype(np.float64)
-    nc = np.bincount(gc, minlength=ncell).astype(np.float64)
-    r = np.zeros(ncell)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for _ in range(QC_MODEL_ITER):
-            a = np.bincount(gk, weights=r[gc] - gl, minlength=nspot) / nk
-            a[nk == 0] = 0.0
-            r = np.bincount(gc, weights=gl + a[gk], minlength=ncell) / nc
-    r[~np.isfinite(r)] = 0.0
-    return r, a, nc
+    return cell_means(gk, cid[gk, gj], logt[gk, gj], logt.shape[0], ncell, QC_MODEL_ITER)
 
 
-def _local_residual(grids: SpotGrids, logt: np.ndarray, F, s, used, segment) -> np.ndarray:
+def _local_residual(grids: SpotGrids, logt: np.ndarray, used, segment) -> np.ndarray:
     """``log t`` minus its local expectation (cell response + spot offset, as the
     point rejection of :func:`spotflat.calibration.estimate_scales` uses), each
     exposure's median residual removed; ``log t`` minus the exposure's median
     where no cell (up to four times the finest) holds enough points."""
     from .calibration import _Neighbourhoods
 
-    f = grids.flux
     x, y = np.asarray(grids.x, np.float64), np.asarray(grids.y, np.float64)
     nb = _Neighbourhoods(x, y, np.isfinite(logt), segment)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        invF, invs = 1.0 / F, 1.0 / s
     expected = np.full(logt.shape, np.nan)
     todo = np.isfinite(logt) & nb.ok
     for level in range(nb.LEVELS):
@@ -335,10 +322,10 @@ def _local_residual(grids: SpotGrids, logt: np.ndarray, F, s, used, segment) -> 
     return np.where(np.isfinite(expected), res, plain)
 
 
-def _local_metrics(grids: SpotGrids, logt: np.ndarray, F, s, used, sigma: float, exclude: np.ndarray,
+def _local_metrics(grids: SpotGrids, logt: np.ndarray, used, sigma: float, exclude: np.ndarray,
                    segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scatter, width and rejected fraction of each exposure against the local expectation."""
-    res = _local_residual(grids, logt, F, s, used, segment)
+    res = _local_residual(grids, logt, used, segment)
     _, scatter, q10, q90 = _column_stats(res)
     ref = float(np.nanmedian(scatter[~exclude])) if np.isfinite(scatter[~exclude]).any() else np.nan
     with np.errstate(invalid="ignore"):
@@ -643,7 +630,7 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
             # the edge of a large dither pattern sees more of it), which is not a
             # fault of the exposure. (Not in short runs: each cell then holds a
             # few exposures and a bad one inflates everyone's residual.)
-            lsc, lwd, lrej = _local_metrics(grids, logt, F, s, used, sigma, exclude, segment)
+            lsc, lwd, lrej = _local_metrics(grids, logt, used, sigma, exclude, segment)
             local, _ = _score([("scatter", lsc, 0.0, opt.ratio), ("width", lwd, 0.0, opt.width_ratio),
                                ("rejected", lrej, opt.min_rejected, opt.ratio)], pool, opt)
             score = np.minimum(score, local)
