@@ -73,6 +73,9 @@ def test_classify_rules():
     assert classify(0.5, 0.1, 0.5, 0.1, 20) == "mixed"
     assert classify(0.05, 0.1, 0.05, 0.1, 20) == "undetected"
     assert classify(1.0, 0.1, 0.0, 0.1, 2) == "undetected"  # the flat shows no rings
+    # significant but tiny: not a second cause (a QE ring's unmodelled centroid pull at high S/N)
+    assert classify(1.0, 0.004, 0.004, 0.001, 90) == "qe"
+    assert classify(0.004, 0.001, 1.0, 0.01, 90) == "area"
 
 
 def test_focal_plane_verdict_has_a_row_per_detector_and_feature(tmp_path):

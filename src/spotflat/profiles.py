@@ -22,7 +22,10 @@ local quadratic (Savitzky-Golay) fit over ``highpass`` pixels, so that
 only the ring pattern is left. The amplitude of each spot quantity along
 the flat's ring pattern is then a least-squares projection: ``flux`` on
 ``dq`` (1 for QE, 0 for area), ``radial_shift`` on ``-integral(dq)`` (1 for
-area; the QE term is fitted alongside), ``size`` on ``-dq`` (1 for area).
+area) and ``size`` on ``-dq`` (1 for area), each after its QE term has been
+taken out with the QE fraction the flux measured (fitting that term freely
+is degenerate for quasi-periodic rings, whose ``integral(dq)`` and ``dq'``
+have the same shape).
 Errors come from a bootstrap over spots (all the dithers of one spot go
 together): the amplitudes and the templates are recomputed in every
 resample.
@@ -224,9 +227,10 @@ class RadialProfiles:
         module notes); empty without a flat.
     flat_snr : float
         Significance of the flat's own pattern in these bins: the cross
-        power of the two checkerboard halves of the flat, against a null in
-        which one half is shifted along the profile (in units of the null's
-        spread); the feature counts as detected in the flat above 5.
+        power of the flat's profiles over the two halves of the sensor (the
+        pattern is common to both, the noise, PRNU and dust are not), in
+        units of its bootstrap spread over spots; the feature counts as
+        detected in the flat above 5. NaN without bootstrap resamples.
     sigma2 : float
         Median footprint variance (pixel^2), for the QE leakage terms.
     """
@@ -330,7 +334,8 @@ def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | N
     return {"flux": (eye, None), "radial_shift": (integ, sigma2 * D1), "size": (-eye, 0.5 * sigma2 * D2), "H": H}
 
 
-def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, ops: tuple, const: bool) -> float:
+def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, ops: tuple, const: bool,
+               leak: float | None = None) -> float:
     """Amplitude of a spot quantity along ``L Q``, from two independent halves of the sensor.
 
     ``v0, Q0`` and ``v1, Q1`` are the spot quantity's and the flat's
@@ -340,11 +345,25 @@ def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, o
     (template of one half against data of the other) therefore keep only
     the azimuthally coherent pattern, with no noise bias (errors in
     variables) and no leakage of local QE structure.
+
+    ``leak`` fixes the coefficient of the second operator (the QE
+    footprint-gradient term) instead of fitting it: each half's own
+    ``leak * L Q`` is taken out of its data. For quasi-periodic rings the
+    two templates have nearly the same shape (``integral(dq)`` and ``dq'``
+    of one sinusoid differ only by ``-1/k^2``), so fitting both leaves the
+    area amplitude undetermined; the QE fraction measured from the flux
+    fixes the second.
     """
     mats = [m for m in ops if m is not None]
     ok = np.isfinite(v0) & np.isfinite(v1) & np.isfinite(Q0) & np.isfinite(Q1)
     if ok.sum() < 5:
         return float("nan")
+    if leak is not None and len(mats) > 1:
+        if not np.isfinite(leak):
+            return float("nan")
+        v0 = v0 - leak * (mats[1] @ np.where(np.isfinite(Q0), Q0, 0.0))
+        v1 = v1 - leak * (mats[1] @ np.where(np.isfinite(Q1), Q1, 0.0))
+        mats = mats[:1]
     X = []
     for Q in (Q0, Q1):
         z = np.where(np.isfinite(Q), Q, 0.0)
@@ -418,8 +437,12 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     def amplitudes(parts):
         if "flat" not in parts[0]:
             return {}, float("nan")
-        amps = {q: _amplitude(parts[0][q], parts[1][q], parts[0]["flat"], parts[1]["flat"], ops[q],
-                              const=(q == "radial_shift")) for q in QUANTITIES if q in parts[0]}
+        amps = {}
+        for q in QUANTITIES:  # flux first: its QE fraction fixes the QE terms of the other two
+            if q in parts[0]:
+                amps[q] = _amplitude(parts[0][q], parts[1][q], parts[0]["flat"], parts[1]["flat"], ops[q],
+                                     const=(q == "radial_shift"), leak=None if q == "flux" else
+                                     amps.get("flux", 0.0))
         a, b = parts[0]["flat"], parts[1]["flat"]
         ok = np.isfinite(a) & np.isfinite(b)
         return amps, float(np.sum(a[ok] * b[ok]))
@@ -429,12 +452,15 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     counts = bootstrap_counts(nspot, int(nboot), rng) if nboot > 0 else np.zeros((0, nspot))
     boot = {q: np.empty((counts.shape[0], nb)) for q in prof}
     amps_boot = {q: [] for q in amp0}
+    pow_boot = []
     for b in range(counts.shape[0]):
         pb, partsb, _ = profiles(counts[b])
         for q in pb:
             boot[q][b] = pb[q]
-        for q, a in amplitudes(partsb)[0].items():
+        ab, pw = amplitudes(partsb)
+        for q, a in ab.items():
             amps_boot[q].append(a)
+        pow_boot.append(pw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # empty bins: NaN errors, not a warning
         errors = {q: (np.nanstd(boot[q], axis=0, ddof=1) if counts.shape[0] > 1 else np.full(nb, np.nan))
@@ -449,14 +475,15 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
             wc, wz = 1 / ec ** 2, 1 / ez ** 2
             comb = (wc * np.asarray(amps_boot["radial_shift"]) + wz * np.asarray(amps_boot["size"])) / (wc + wz)
             amps["area"] = (float((wc * ac + wz * az) / (wc + wz)), float(np.nanstd(comb, ddof=1)))
-    # significance of the flat's ring pattern: the cross power of the two halves' flat profiles against
-    # a null that shifts one half along the profile (same noise, pattern no longer aligned)
+    # significance of the flat's ring pattern: the cross power of the two halves' flat profiles (common
+    # rings; independent noise, PRNU and dust) in units of its bootstrap spread over spots. (A null that
+    # shifts one half along the profile fails for quasi-periodic rings: a shifted sinusoid still
+    # correlates, so the null's spread is the signal's own and a strong single-period pattern scored ~2.)
     snr = float("nan")
-    if "flat" in parts[0] and np.isfinite(pow0):
-        a, b = np.nan_to_num(parts[0]["flat"]), np.nan_to_num(parts[1]["flat"])
-        lags = rng.integers(max(nb // 10, 1), max(nb - nb // 10, 2), size=200)
-        null = np.array([np.sum(a * np.roll(b, int(k))) for k in lags])
-        snr = float((pow0 - null.mean()) / null.std(ddof=1)) if null.std() > 0 else float("nan")
+    pw = np.asarray(pow_boot, float)
+    pw = pw[np.isfinite(pw)]
+    if np.isfinite(pow0) and pw.size > 2 and np.std(pw) > 0:
+        snr = float(pow0 / np.std(pw, ddof=1))
     for q in ("flat_a", "flat_b"):
         prof.pop(q, None)
         errors.pop(q, None)

@@ -15,7 +15,10 @@ Verdict per feature:
 
 * ``undetected`` -- the flat's own pattern is not significant (its
   excess power below ``min_snr``), or neither fraction is significant;
-* ``qe`` -- only the flux follows (``qe_fraction > nsigma`` errors);
+* ``qe`` -- only the flux follows (``qe_fraction`` above ``nsigma`` errors
+  and above ``min_fraction``, 0.1: at high signal-to-noise a fraction of a
+  per cent, e.g. a QE term not modelled exactly, is significant without
+  being a second cause);
 * ``area`` -- only the centroids follow;
 * ``mixed`` -- both do.
 """
@@ -35,12 +38,12 @@ FEATURES = ("treering", "edge")
 
 
 def classify(qe: float, qe_err: float, area: float, area_err: float, flat_snr: float,
-             nsigma: float = 3.0, min_snr: float = 5.0) -> str:
+             nsigma: float = 3.0, min_snr: float = 5.0, min_fraction: float = 0.1) -> str:
     """The verdict for one feature from its two fractions (see the module notes)."""
     if not np.isfinite(flat_snr) or flat_snr < min_snr:
         return "undetected"
-    q = np.isfinite(qe) and np.isfinite(qe_err) and qe > nsigma * qe_err
-    a = np.isfinite(area) and np.isfinite(area_err) and area > nsigma * area_err
+    q = np.isfinite(qe) and np.isfinite(qe_err) and qe > max(nsigma * qe_err, min_fraction)
+    a = np.isfinite(area) and np.isfinite(area_err) and area > max(nsigma * area_err, min_fraction)
     return {(True, True): "mixed", (True, False): "qe", (False, True): "area"}.get((q, a), "undetected")
 
 
