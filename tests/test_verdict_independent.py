@@ -53,24 +53,47 @@ def _rings(x, y, a):
     return ex / r, ey / r, f, fp, f / r
 
 
-def _modulation(a):
-    """The flat's ring factor on the whole CCD: ``1 / ((1 + f') (1 + f / r))``."""
+EDGE_SCALE = 10.0
+
+
+def _edge(x, y, a):
+    """Edge roll-off: displacement ``a L exp(-d / L)`` along the inward normal of the nearest edge.
+
+    The flat then sees ``1 / (1 + f') ~ 1 + a exp(-d / L)`` (``a < 0``: a dark
+    edge, charge pushed out towards it); no tangential stretch.
+    """
+    d = np.stack([x, NX - 1 - x, y, NY - 1 - y])
+    which = np.argmin(d, axis=0)
+    dist = np.take_along_axis(d, which[None], axis=0)[0]
+    nx_ = np.choose(which, [1.0, -1.0, 0.0, 0.0])
+    ny_ = np.choose(which, [0.0, 0.0, 1.0, -1.0])
+    e = np.exp(-np.clip(dist, 0, None) / EDGE_SCALE)
+    return nx_, ny_, a * EDGE_SCALE * e, -a * e, np.zeros_like(e)
+
+
+def _field(feature, x, y, a):
+    return _rings(x, y, a) if feature == "treering" else _edge(x, y, a)
+
+
+def _modulation(a, feature="treering"):
+    """The flat's factor on the whole CCD: ``1 / ((1 + f') (1 + f / r))``."""
     y, x = np.mgrid[0:NY, 0:NX].astype(np.float64)
-    _, _, _, fp, fr = _rings(x, y, a)
+    _, _, _, fp, fr = _field(feature, x, y, a)
     return (1.0 / ((1 + fp) * (1 + fr))).astype(np.float32)
 
 
-def write_run(folder, seed, mode, a):
-    """``spotdata/`` (50 catalogues) and ``flat.fits`` with rings of flat amplitude ``a`` in ``mode``."""
+def write_run(folder, seed, mode, a, feature="treering", step=65.3):
+    """``spotdata/`` (50 catalogues) and ``flat.fits`` with rings (or an edge roll-off) of flat amplitude
+    ``a`` in ``mode``; ``step`` > 84 px puts spots up to the CCD edges."""
     rng = np.random.default_rng([seed, 14])
     gains = rng.normal(1, 0.005, (2, 8)).astype(np.float32)
     qe = np.repeat(np.repeat(gains, AMP_NY, axis=0), AMP_NX, axis=1)
     qe *= 1 + rng.normal(0, 0.003, (NY, NX)).astype(np.float32)
-    ring = _modulation(a)
+    ring = _modulation(a, feature)
     spot_resp = qe * ring if mode == "qe" else qe  # what the fluxes see
     flat_resp = qe * ring  # the flat sees the rings either way
     ncols = nrows = 49
-    step, nexp, nspot = 65.3, 50, 49 * 49
+    nexp, nspot = 50, 49 * 49
     k = np.arange(nspot)
     u, v = (k // nrows - 24) * step, (k % nrows - 24) * step
     xx0, yy0 = 5.0 * rng.uniform(0.95, 1.05, nspot), 5.2 * rng.uniform(0.95, 1.05, nspot)
@@ -83,7 +106,7 @@ def write_run(folder, seed, mode, a):
         gx, gy = x0 + dx + u, y0 + dy + v
         sig = np.sqrt((xx0 + yy0) / 2)
         rel = _stamp_mean(spot_resp, gx, gy, sig / np.sqrt(2))
-        nx_, ny_, f, fp, fr = _rings(gx, gy, a)
+        nx_, ny_, f, fp, fr = _field(feature, gx, gy, a)
         xx, yy, xy = xx0.copy(), yy0.copy(), np.full(nspot, 0.1)
         if mode == "area":
             cx, cy = gx + f * nx_, gy + f * ny_
@@ -95,8 +118,11 @@ def write_run(folder, seed, mode, a):
                           Dxx * Dxy * xx0 + (Dxx * Dyy + Dxy * Dxy) * xy + Dxy * Dyy * yy0)
         else:
             # a QE gradient pulls the flux-weighted centroid: sigma^2 grad ln R, ln R ~ -f' - f / r
-            k_ = 2 * np.pi / PERIOD
-            glr = a * k_ * np.sin(k_ * np.hypot(gx - _centre()[0], gy - _centre()[1]))
+            if feature == "treering":
+                k_ = 2 * np.pi / PERIOD
+                glr = a * k_ * np.sin(k_ * np.hypot(gx - _centre()[0], gy - _centre()[1]))
+            else:  # ln R ~ a exp(-d / L): its gradient along the inward normal
+                glr = -fp / EDGE_SCALE
             cx, cy = gx + sig ** 2 * glr * nx_, gy + sig ** 2 * glr * ny_
         f_true = brightness * s[j] * rel
         ferr = np.sqrt(f_true + 4 * np.pi * 5 * 64)
@@ -105,7 +131,8 @@ def write_run(folder, seed, mode, a):
         x = cx + cerr * rng.normal(size=nspot)
         y = cy + cerr * rng.normal(size=nspot)
         merr = 2 * sig ** 2 / np.sqrt(f_true)
-        keep = rng.random(nspot) > 0.02
+        # spots off the CCD, or so close to its edge that their stamp is cut, are not in the catalogue
+        keep = (rng.random(nspot) > 0.02) & (np.minimum(np.minimum(gx, NX - 1 - gx), np.minimum(gy, NY - 1 - gy)) > 8)
         cols = [fits.Column(name="spotgrid_index", format="D", array=k[keep].astype(float)),
                 fits.Column(name="base_SdssCentroid_x", format="D", array=x[keep]),
                 fits.Column(name="base_SdssCentroid_y", format="D", array=y[keep]),
@@ -138,14 +165,14 @@ def write_run(folder, seed, mode, a):
     return folder
 
 
-def _verdict(run_cli, folder):
+def _verdict(run_cli, folder, feature="treering"):
     res = run_cli("calibrate", folder / "spotdata", "-o", folder / "calib.fits", "-q")
     assert res.exit_code == 0, res.output
     res = run_cli("correlate", folder / "calib.fits", "--flat", folder / "flat.fits", "-o", folder / "out",
                   "-q", "--no-figures")
     assert res.exit_code == 0, res.output
     t = Table.read(folder / "out" / "verdict.ecsv")
-    return t[t["feature"] == "treering"][0]
+    return t[t["feature"] == feature][0]
 
 
 @pytest.mark.parametrize("mode", ["qe", "area"])
@@ -172,3 +199,11 @@ def test_a_flat_without_rings_is_undetected(tmp_path, run_cli):
     """No rings anywhere (gains, PRNU, noise only): the flat's pattern is not significant."""
     row = _verdict(run_cli, write_run(tmp_path, 0, "qe", 0.0))
     assert row["flat_snr"] < 3 and row["verdict"] == "undetected", dict(zip(row.colnames, row.as_void()))
+
+
+@pytest.mark.parametrize("mode", ["qe", "area"])
+def test_edge_roll_off_gets_the_right_verdict(tmp_path, run_cli, mode):
+    """A 5 % dark edge over 10 px (ITL-like) and spots up to the edges, no rings."""
+    row = _verdict(run_cli, write_run(tmp_path, 3, mode, -0.05, feature="edge", step=90.0), "edge")
+    msg = dict(zip(row.colnames, row.as_void()))
+    assert row["verdict"] == mode, msg
