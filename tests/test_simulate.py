@@ -160,9 +160,14 @@ def test_simulate_spots_reproducible_and_consistent(e2v_response):
     assert not np.allclose(np.nan_to_num(a.flux), np.nan_to_num(c.flux))
     assert a.flux.shape == (225, 5)
     assert np.median(a.s) == pytest.approx(1.0)
-    # the truth: flux_true = F s <R>_footprint, <R> from the response itself
-    fm = footprint_moments(e2v_response, a.x_true, a.y_true, a.xx_true, a.yy_true, a.xy_true)
+    # the truth: flux_true = F s <R>_footprint, <R> from the response itself, seen through G**2 (moments
+    # halved) as the SdssShape flux the catalogues are labelled with does
+    fm = footprint_moments(e2v_response, a.x_true, a.y_true, a.xx_true / 2, a.yy_true / 2, a.xy_true / 2)
     np.testing.assert_allclose(a.resp, fm["mean"])
+    g = simulate_spots(e2v_response, ndither=5, seed=11, flux_weight="gaussian", **SMALL)
+    fm = footprint_moments(e2v_response, g.x_true, g.y_true, g.xx_true, g.yy_true, g.xy_true)
+    np.testing.assert_allclose(g.resp, fm["mean"])
+    assert not np.allclose(g.resp, a.resp)
     np.testing.assert_allclose(a.flux_true, a.F[:, None] * a.s[None, :] * a.resp)
 
 
@@ -241,7 +246,8 @@ def test_area_rings_are_seen_by_the_flat_not_by_the_spot_flux(runs):
     ok = ~area.spots.missing & ~area.spots.outlier
     # the same draws, the same flat; the spots' flux misses exactly the ring area factor
     np.testing.assert_allclose(area.resp_flat[ok], qe.resp_flat[ok], rtol=1e-12)
-    np.testing.assert_allclose((area.mismatch * (1 - area.treering_fprime))[ok], 1.0, atol=5e-6)  # f/r, 2nd order
+    # f/r and 2nd order; <f'> is averaged over the spot's G, the flat over the flux's G**2
+    np.testing.assert_allclose((area.mismatch * (1 - area.treering_fprime))[ok], 1.0, atol=1e-5)
     assert np.nanstd(area.treering_fprime[ok]) > 1e-5
     # the centroid moved by the footprint mean of f along the radius (noise 0)
     cx, cy = area.treering.centre
@@ -346,7 +352,8 @@ def test_truth_flat_matches_written_flat(runs):
     res = runs["illum"]
     img = fits.getdata(res.flat_path).astype(np.float64)
     sim = res.spots
-    fm = footprint_moments(img, sim.x_true, sim.y_true, sim.xx_true, sim.yy_true, sim.xy_true)
+    # the SdssShape flux sees the response through G**2: moments halved
+    fm = footprint_moments(img, sim.x_true, sim.y_true, sim.xx_true / 2, sim.yy_true / 2, sim.xy_true / 2)
     ok = ~sim.missing & ~sim.outlier
     q = fm["mean"] / np.nanmean(np.where(ok, fm["mean"], np.nan), axis=1, keepdims=True)
     np.testing.assert_allclose(q[ok], res.q[ok], rtol=2e-5)  # float32 image, smooth-I approximation
@@ -354,7 +361,7 @@ def test_truth_flat_matches_written_flat(runs):
     # agrees to ~1e-5: a simulated run with no mismatch has nothing left but noise
     from spotflat.footprint import footprint_sigma, sample_flat
 
-    qs = sample_flat(img, sim.x, sim.y, sigma=footprint_sigma(sim.xx, sim.yy))
+    qs = sample_flat(img, sim.x, sim.y, sigma=footprint_sigma(sim.xx, sim.yy) / np.sqrt(2))
     qs = qs / np.nanmean(np.where(ok, qs, np.nan), axis=1, keepdims=True)
     assert np.sqrt(np.nanmean((qs[ok] / res.q[ok] - 1) ** 2)) < 1e-4
 
