@@ -56,19 +56,40 @@ def _stamp_mean(img, x, y, sigma, half=6):
     return out
 
 
-def write_run(folder, seed, scenario):
-    """Write ``spotdata/`` (50 catalogues) and ``flat.fits``; return the folder."""
-    rng = np.random.default_rng([seed, 2026])
-    resp = _response(rng)
-    resp_flat = resp if scenario == "response" else _response(rng)
+def grid_design(rng, step, nexp=50):
+    """A 49 x 49 grid of spots (their shapes and brightnesses), exposure brightness drifts, the grid centre."""
     ncols = nrows = 49
-    step, nexp, nspot = 65.3, 50, 49 * 49
+    nspot = ncols * nrows
     k = np.arange(nspot)
     u, v = (k // nrows - 24) * step, (k % nrows - 24) * step
     xx0, yy0 = 5.0 * rng.uniform(0.95, 1.05, nspot), 5.2 * rng.uniform(0.95, 1.05, nspot)
     brightness = 3e5 * np.exp(0.03 * rng.normal(size=nspot))
     s = np.exp(np.cumsum(0.003 * rng.normal(size=nexp)))
     x0, y0 = NX / 2 + rng.uniform(-20, 20), NY / 2 + rng.uniform(-20, 20)
+    return ncols, nrows, nexp, nspot, k, u, v, xx0, yy0, brightness, s, x0, y0
+
+
+def write_catalogue(folder, j, det, columns, origin, step, shape, dither):
+    """One DM grid catalogue (exposure ``j`` of ``det``): the columns, GRID_INFO, a test-stand file name."""
+    cols = [fits.Column(name=name, format="D", array=np.asarray(a, float)) for name, a in columns.items()]
+    info = fits.ImageHDU(name="GRID_INFO")
+    for key, val in (("X0", origin[0]), ("Y0", origin[1]), ("XSTEP", step), ("YSTEP", step), ("THETA", 0.0),
+                     ("NCOLS", shape[0]), ("NROWS", shape[1])):
+        info.header[key] = val
+    prim = fits.PrimaryHDU()
+    raft, slot = det.split("_")
+    prim.header.update(RAFTBAY=raft, CCDSLOT=slot, DETNAME=det)
+    name = f"MC_C_20260101_{j + 1:06d}_{det}_20.0s_{dither[0] / 6.5:.1f}x_{dither[1] / 6.5:.1f}y_gridfit.cat"
+    fits.HDUList([prim, fits.BinTableHDU.from_columns(cols), info]).writeto(folder / name)
+
+
+def write_run(folder, seed, scenario):
+    """Write ``spotdata/`` (50 catalogues) and ``flat.fits``; return the folder."""
+    rng = np.random.default_rng([seed, 2026])
+    resp = _response(rng)
+    resp_flat = resp if scenario == "response" else _response(rng)
+    step = 65.3
+    ncols, nrows, nexp, nspot, k, u, v, xx0, yy0, brightness, s, x0, y0 = grid_design(rng, step)
     (folder / "spotdata").mkdir(parents=True)
     for j in range(nexp):
         dx, dy = rng.uniform(-0.5, 0.5, 2) * step
@@ -82,34 +103,28 @@ def write_run(folder, seed, scenario):
         ferr = np.sqrt(f_true + 4 * np.pi * 5 * 64)
         flux = f_true + ferr * rng.normal(size=nspot)
         keep = rng.random(nspot) > 0.02
-        cols = [fits.Column(name="spotgrid_index", format="D", array=k[keep].astype(float)),
-                fits.Column(name="base_SdssCentroid_x", format="D", array=x[keep]),
-                fits.Column(name="base_SdssCentroid_y", format="D", array=y[keep]),
-                fits.Column(name="spotgrid_x", format="D", array=gx[keep]),
-                fits.Column(name="spotgrid_y", format="D", array=gy[keep]),
-                fits.Column(name="base_SdssShape_xx", format="D", array=xx0[keep] + rng.normal(0, 0.01, keep.sum())),
-                fits.Column(name="base_SdssShape_yy", format="D", array=yy0[keep] + rng.normal(0, 0.01, keep.sum())),
-                fits.Column(name="base_SdssShape_xy", format="D", array=np.full(keep.sum(), 0.1)),
-                fits.Column(name="base_SdssShape_instFlux", format="D", array=flux[keep]),
-                fits.Column(name="base_SdssShape_instFluxErr", format="D", array=ferr[keep])]
-        info = fits.ImageHDU(name="GRID_INFO")
-        for key, val in (("X0", x0 + dx), ("Y0", y0 + dy), ("XSTEP", step), ("YSTEP", step), ("THETA", 0.0),
-                         ("NCOLS", ncols), ("NROWS", nrows)):
-            info.header[key] = val
-        prim = fits.PrimaryHDU()
-        prim.header.update(RAFTBAY="R22", CCDSLOT="S11", DETNAME="R22_S11")
-        name = f"MC_C_20260101_{j + 1:06d}_R22_S11_20.0s_{dx / 6.5:.1f}x_{dy / 6.5:.1f}y_gridfit.cat"
-        fits.HDUList([prim, fits.BinTableHDU.from_columns(cols), info]).writeto(folder / "spotdata" / name)
+        n = int(keep.sum())
+        write_catalogue(folder / "spotdata", j, "R22_S11", dict(
+            spotgrid_index=k[keep].astype(float), base_SdssCentroid_x=x[keep], base_SdssCentroid_y=y[keep],
+            spotgrid_x=gx[keep], spotgrid_y=gy[keep], base_SdssShape_xx=xx0[keep] + rng.normal(0, 0.01, n),
+            base_SdssShape_yy=yy0[keep] + rng.normal(0, 0.01, n), base_SdssShape_xy=np.full(n, 0.1),
+            base_SdssShape_instFlux=flux[keep], base_SdssShape_instFluxErr=ferr[keep]),
+            (x0 + dx, y0 + dy), step, (ncols, nrows), (dx, dy))
+    write_flat(folder / "flat.fits", resp_flat, rng.uniform(0, 2 * np.pi), rng, "R22_S11")
+    return folder
+
+
+def write_flat(path, resp, ang, rng, det):
+    """An assembled CCOB flat in electrons: ``resp`` times a tilted, curved illumination, Poisson noise."""
     yy, xx = np.mgrid[0:NY, 0:NX].astype(np.float32)
-    ang = rng.uniform(0, 2 * np.pi)
     uu, vv = 2 * xx / NX - 1, 2 * yy / NY - 1
     illum = 1 + 0.015 * (np.cos(ang) * uu + np.sin(ang) * vv) - 0.01 * (uu * uu + vv * vv)
-    flat = resp_flat * illum * np.float32(LEVEL)
+    flat = resp * illum * np.float32(LEVEL)
     flat += np.sqrt(flat) * rng.standard_normal(flat.shape, dtype=np.float32)
     hdu = fits.PrimaryHDU(flat.astype(np.float32))
-    hdu.header.update(BUNIT="electron", RAFTBAY="R22", CCDSLOT="S11", DETNAME="R22_S11", IMGTYPE="FLAT")
-    hdu.writeto(folder / "flat.fits")
-    return folder
+    raft, slot = det.split("_")
+    hdu.header.update(BUNIT="electron", RAFTBAY=raft, CCDSLOT=slot, DETNAME=det, IMGTYPE="FLAT")
+    hdu.writeto(path)
 
 
 def _correlate(run_cli, folder):

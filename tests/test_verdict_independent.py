@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from astropy.io import fits
 from astropy.table import Table
 
-from test_independent_generator import _stamp_mean
+from test_independent_generator import _stamp_mean, grid_design, write_catalogue, write_flat
 
 NY, NX = 4004, 4096  # E2V, R22_S20
 AMP_NX, AMP_NY = 512, 2002
-LEVEL = 5e4
 PERIOD = 60.0
 
 
@@ -92,14 +90,7 @@ def write_run(folder, seed, mode, a, feature="treering", step=65.3):
     ring = _modulation(a, feature)
     spot_resp = qe * ring if mode == "qe" else qe  # what the fluxes see
     flat_resp = qe * ring  # the flat sees the rings either way
-    ncols = nrows = 49
-    nexp, nspot = 50, 49 * 49
-    k = np.arange(nspot)
-    u, v = (k // nrows - 24) * step, (k % nrows - 24) * step
-    xx0, yy0 = 5.0 * rng.uniform(0.95, 1.05, nspot), 5.2 * rng.uniform(0.95, 1.05, nspot)
-    brightness = 3e5 * np.exp(0.03 * rng.normal(size=nspot))
-    s = np.exp(np.cumsum(0.003 * rng.normal(size=nexp)))
-    x0, y0 = NX / 2 + rng.uniform(-20, 20), NY / 2 + rng.uniform(-20, 20)
+    ncols, nrows, nexp, nspot, k, u, v, xx0, yy0, brightness, s, x0, y0 = grid_design(rng, step)
     (folder / "spotdata").mkdir(parents=True)
     for j in range(nexp):
         dx, dy = rng.uniform(-0.5, 0.5, 2) * step
@@ -133,35 +124,14 @@ def write_run(folder, seed, mode, a, feature="treering", step=65.3):
         merr = 2 * sig ** 2 / np.sqrt(f_true)
         # spots off the CCD, or so close to its edge that their stamp is cut, are not in the catalogue
         keep = (rng.random(nspot) > 0.02) & (np.minimum(np.minimum(gx, NX - 1 - gx), np.minimum(gy, NY - 1 - gy)) > 8)
-        cols = [fits.Column(name="spotgrid_index", format="D", array=k[keep].astype(float)),
-                fits.Column(name="base_SdssCentroid_x", format="D", array=x[keep]),
-                fits.Column(name="base_SdssCentroid_y", format="D", array=y[keep]),
-                fits.Column(name="spotgrid_x", format="D", array=gx[keep]),
-                fits.Column(name="spotgrid_y", format="D", array=gy[keep]),
-                fits.Column(name="base_SdssShape_xx", format="D",
-                            array=(xx + merr * rng.normal(size=nspot))[keep]),
-                fits.Column(name="base_SdssShape_yy", format="D",
-                            array=(yy + merr * rng.normal(size=nspot))[keep]),
-                fits.Column(name="base_SdssShape_xy", format="D",
-                            array=(xy + merr / np.sqrt(2) * rng.normal(size=nspot))[keep]),
-                fits.Column(name="base_SdssShape_instFlux", format="D", array=flux[keep]),
-                fits.Column(name="base_SdssShape_instFluxErr", format="D", array=ferr[keep])]
-        info = fits.ImageHDU(name="GRID_INFO")
-        for key, val in (("X0", x0 + dx), ("Y0", y0 + dy), ("XSTEP", step), ("YSTEP", step), ("THETA", 0.0),
-                         ("NCOLS", ncols), ("NROWS", nrows)):
-            info.header[key] = val
-        prim = fits.PrimaryHDU()
-        prim.header.update(RAFTBAY="R22", CCDSLOT="S20", DETNAME="R22_S20")
-        name = f"MC_C_20260101_{j + 1:06d}_R22_S20_20.0s_{dx / 6.5:.1f}x_{dy / 6.5:.1f}y_gridfit.cat"
-        fits.HDUList([prim, fits.BinTableHDU.from_columns(cols), info]).writeto(folder / "spotdata" / name)
-    yy_, xx_ = np.mgrid[0:NY, 0:NX].astype(np.float32)
-    uu, vv = 2 * xx_ / NX - 1, 2 * yy_ / NY - 1
-    illum = 1 + 0.015 * uu - 0.01 * (uu * uu + vv * vv)
-    flat = flat_resp * illum * np.float32(LEVEL)
-    flat += np.sqrt(flat) * rng.standard_normal(flat.shape, dtype=np.float32)
-    hdu = fits.PrimaryHDU(flat.astype(np.float32))
-    hdu.header.update(BUNIT="electron", RAFTBAY="R22", CCDSLOT="S20", DETNAME="R22_S20", IMGTYPE="FLAT")
-    hdu.writeto(folder / "flat.fits")
+        write_catalogue(folder / "spotdata", j, "R22_S20", dict(
+            spotgrid_index=k[keep].astype(float), base_SdssCentroid_x=x[keep], base_SdssCentroid_y=y[keep],
+            spotgrid_x=gx[keep], spotgrid_y=gy[keep], base_SdssShape_xx=(xx + merr * rng.normal(size=nspot))[keep],
+            base_SdssShape_yy=(yy + merr * rng.normal(size=nspot))[keep],
+            base_SdssShape_xy=(xy + merr / np.sqrt(2) * rng.normal(size=nspot))[keep],
+            base_SdssShape_instFlux=flux[keep], base_SdssShape_instFluxErr=ferr[keep]),
+            (x0 + dx, y0 + dy), step, (ncols, nrows), (dx, dy))
+    write_flat(folder / "flat.fits", flat_resp, 0.0, rng, "R22_S20")
     return folder
 
 
