@@ -318,20 +318,20 @@ class _Neighbourhoods:
             ix, lx, iy, ly = self._seg
             cell = self._cell * 2 ** level
             div = 2 ** level
+            cx = lx // div if div > 1 else lx.copy()
+            cy = ly // div if div > 1 else ly.copy()
             if self.segment is not None:
                 sx, sy = self.segment
-                cx = lx // div if div > 1 else lx.copy()
                 cx += ix * int(np.ceil(sx / cell))
-                cy = ly // div if div > 1 else ly.copy()
                 cy += iy * int(np.ceil(sy / cell))
-            else:
-                cx = lx // div if div > 1 else lx.copy()
-                cy = ly // div if div > 1 else ly.copy()
             ny = 1
             if self._any:
-                cx -= cx.min(where=ok, initial=np.iinfo(np.int64).max)
-                cy -= cy.min(where=ok, initial=np.iinfo(np.int64).max)
+                big = np.iinfo(cx.dtype).max
+                cx -= cx.min(where=ok, initial=big)
+                cy -= cy.min(where=ok, initial=big)
                 ny = int(cy.max(where=ok, initial=0)) + 1
+                if (int(cx.max(where=ok, initial=0)) + 1) * ny >= 2 ** 31 - 2 and cx.dtype != np.int64:
+                    cx = cx.astype(np.int64)  # a huge spread of (garbage) positions
             cx *= ny
             cx += cy
             del cy
@@ -344,13 +344,17 @@ class _Neighbourhoods:
         ok = self.ok
         self._any = bool(ok.any())
         npts = max(int(np.count_nonzero(ok)), 1)
-        area = 1.0
+        area, reach = 1.0, 0.0
         if self._any:  # the spread of x + 0.5 over the points (pixel edges at integers)
             with np.errstate(invalid="ignore"):
-                ext = [(np.float64(a.max(where=ok, initial=-np.inf)) + 0.5)
-                       - (np.float64(a.min(where=ok, initial=np.inf)) + 0.5) for a in (self.x, self.y)]
+                lims = [(np.float64(a.min(where=ok, initial=np.inf)), np.float64(a.max(where=ok, initial=-np.inf)))
+                        for a in (self.x, self.y)]
+            ext = [(hi + 0.5) - (lo + 0.5) for lo, hi in lims]
             area = max(float(ext[0]) * float(ext[1]), 1.0)
+            reach = max(abs(float(v)) for lim in lims for v in lim)
         self._cell = float(np.clip(np.sqrt(self.PER_CELL * area / npts), 8.0, 64.0))
+        # cell indices in int32 (half the memory of int64) unless the positions reach too far
+        itype = np.int32 if (reach + 1.0) / self._cell < 2 ** 29 else np.int64
         sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
         seg = []
         for a, size in ((self.x, sx), (self.y, sy)):
@@ -367,7 +371,7 @@ class _Neighbourhoods:
                     i = None
                 np.divide(u, self._cell, out=u)
                 np.floor(u, out=u)
-            seg += [np.zeros(ok.shape, np.int64) if i is None else i.astype(np.int64), u.astype(np.int64)]
+            seg += [None if i is None else i.astype(itype), u.astype(itype)]
             del u, i
         self._seg = tuple(seg)
 
