@@ -421,7 +421,9 @@ class _Neighbourhoods:
         # compressed to 1-D (one memory order for all, whatever each array's)
         order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
         with np.errstate(invalid="ignore", divide="ignore"):
-            lt = np.log(f * invF[:, None] * invs[None, :])
+            lt = f * invF[:, None]  # the same operations in place: one temporary, not three
+            lt *= invs[None, :]
+            np.log(lt, out=lt)
         good = used & self.ok
         good &= np.isfinite(lt)
         sel = np.flatnonzero(good.ravel(order=order))
