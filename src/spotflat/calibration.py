@@ -437,6 +437,8 @@ class _Neighbourhoods:
 def cell_means(gk: np.ndarray, gc: np.ndarray, gl: np.ndarray, nspot: int, ncell: int, niter: int):
     """``(r, a, count)`` of ``gl ~ r[gc] - a[gk]`` by ``niter`` alternating means
     (spot index ``gk``, cell index ``gc`` of each point); ``count`` per cell."""
+    gk = np.asarray(gk, dtype=np.intp)  # once: bincount would cast int32 indices on every call
+    gc = np.asarray(gc, dtype=np.intp)
     nk = np.bincount(gk, minlength=nspot).astype(np.float64)
     nc = np.bincount(gc, minlength=ncell).astype(np.float64)
     r = np.zeros(ncell)
