@@ -306,6 +306,27 @@ def _grids_from(f, xx=None, yy=None):
                      xy=np.zeros_like(f), exposures=e, flux_column="flux")
 
 
+def test_clean_long_run_not_flagged_saturated_or_bf():
+    """A clean long run (the benchmark's: a +-20 % projector pattern, 1 % flux noise,
+    sizes independent of flux) has no saturation/brighter-fatter flags. With the
+    point's own flux in its peak level the shared noise gave log t a slope of
+    ~0.007 per e-fold of peak and flagged ~20 % of such exposures."""
+    from spotflat.qc import run_qc
+
+    rng = np.random.default_rng(5)
+    nexp = 200
+    F0 = rng.uniform(8e4, 1.2e5, 2401)
+    s0 = 1 + 0.05 * np.sin(np.arange(nexp))
+    f = F0[:, None] * s0 * rng.normal(1, 0.01, (2401, nexp))
+    xx, yy = rng.normal(5, 0.1, (2401, nexp)), rng.normal(5, 0.1, (2401, nexp))
+    res = run_qc(_grids_from(f, xx=xx, yy=yy))
+    t = res.table
+    assert np.count_nonzero(t["bf_flag"]) == 0, t["flux_slope", "size_slope", "top_peak_t"][t["bf_flag"]]
+    assert not np.any(res.spot_bf)
+    # and no bias left: the slopes scatter around zero
+    assert abs(np.nanmedian(t["flux_slope"])) < 0.001 and abs(np.nanmedian(t["top_peak_t"])) < 0.001
+
+
 def test_saturation_and_brighter_fatter_flagged():
     """An exposure whose brightest spots lose flux (saturation) and one whose spots grow
     with peak level (brighter-fatter) are flagged; the others are not."""

@@ -57,3 +57,26 @@ def test_write_png(qc, tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 400
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_figure_process_draws_the_same_png(qc, tmp_path):
+    """The forked helper writes the very PNG this process would; a dead helper
+    falls back to drawing here, and nothing of it is left running."""
+    import os
+
+    from spotflat.qcplot import FigureProcess
+
+    here = write_qc_figure(qc, tmp_path / "here.png", "R22_S11")
+    with FigureProcess() as helper:
+        if helper.pid is None:
+            pytest.skip("no fork here (threads running, or no os.fork)")
+        assert helper.draw(qc, tmp_path / "child.png", "R22_S11")
+        assert (tmp_path / "child.png").read_bytes() == here.read_bytes()
+        pid = helper.pid
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        helper.pid = pid  # as if still alive: the broken pipe must make draw() fail, not hang
+        assert not helper.draw(qc, tmp_path / "x.png", "R22_S11")
+        out = write_qc_figure(qc, tmp_path / "fallback.png", "R22_S11", helper=helper)
+        assert out.read_bytes() == here.read_bytes()
+    assert helper.pid is None

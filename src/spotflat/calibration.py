@@ -303,37 +303,77 @@ class _Neighbourhoods:
         self._cell = None
 
     def cells(self, level: int) -> tuple[np.ndarray, int]:
+        """``(cell index of every point (-1 where not ok), number of cells + 1)`` at ``level``.
+
+        The finest cells' integer indices (segment, cell inside it) are computed
+        once; a coarser level's cell inside its segment is the finest one's
+        integer-divided by ``2 ** level`` -- exactly ``floor(u / (cell 2^level))``,
+        since scaling by a power of two commutes with floating-point rounding --
+        so no level recomputes the positions' floating-point arithmetic.
+        """
         if level not in self._cells:
             ok = self.ok
             if self._cell is None:
-                with np.errstate(invalid="ignore"):
-                    xs = np.where(ok, self.x, 0.0) + 0.5  # pixel edges at integers
-                    ys = np.where(ok, self.y, 0.0) + 0.5
-                npts = max(int(np.count_nonzero(ok)), 1)
-                area = max(float(np.ptp(xs[ok])) * float(np.ptp(ys[ok])), 1.0) if ok.any() else 1.0
-                self._cell = float(np.clip(np.sqrt(self.PER_CELL * area / npts), 8.0, 64.0))
-                # segment index and position inside it, once for every level
-                sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
-                ix = np.floor(xs / sx) if np.isfinite(sx) else np.zeros_like(xs)
-                iy = np.floor(ys / sy) if np.isfinite(sy) else np.zeros_like(ys)
-                self._seg = (ix, xs - ix * sx if np.isfinite(sx) else xs,
-                             iy, ys - iy * sy if np.isfinite(sy) else ys)
-            ix, ux, iy, uy = self._seg
+                self._fine_cells()
+            ix, lx, iy, ly = self._seg
             cell = self._cell * 2 ** level
+            div = 2 ** level
+            cx = lx // div if div > 1 else lx.copy()
+            cy = ly // div if div > 1 else ly.copy()
             if self.segment is not None:
                 sx, sy = self.segment
-                cx = ix * np.ceil(sx / cell) + np.floor(ux / cell)
-                cy = iy * np.ceil(sy / cell) + np.floor(uy / cell)
-            else:
-                cx, cy = np.floor(ux / cell), np.floor(uy / cell)
-            if ok.any():
-                cx -= cx[ok].min()
-                cy -= cy[ok].min()
-            ny = int(cy[ok].max()) + 1 if ok.any() else 1
-            cid = (cx * ny + cy).astype(np.int64)
-            cid[~ok] = -1
-            self._cells[level] = (cid, int(cid.max()) + 2)
+                cx += ix * int(np.ceil(sx / cell))
+                cy += iy * int(np.ceil(sy / cell))
+            ny = 1
+            if self._any:
+                big = np.iinfo(cx.dtype).max
+                cx -= cx.min(where=ok, initial=big)
+                cy -= cy.min(where=ok, initial=big)
+                ny = int(cy.max(where=ok, initial=0)) + 1
+                if (int(cx.max(where=ok, initial=0)) + 1) * ny >= 2 ** 31 - 2 and cx.dtype != np.int64:
+                    cx = cx.astype(np.int64)  # a huge spread of (garbage) positions
+            cx *= ny
+            cx += cy
+            del cy
+            np.copyto(cx, -1, where=~ok)
+            self._cells[level] = (cx, int(cx.max()) + 2)
         return self._cells[level]
+
+    def _fine_cells(self) -> None:
+        """The cell size, and each point's segment index and finest cell inside its segment."""
+        ok = self.ok
+        self._any = bool(ok.any())
+        npts = max(int(np.count_nonzero(ok)), 1)
+        area, reach = 1.0, 0.0
+        if self._any:  # the spread of x + 0.5 over the points (pixel edges at integers)
+            with np.errstate(invalid="ignore"):
+                lims = [(np.float64(a.min(where=ok, initial=np.inf)), np.float64(a.max(where=ok, initial=-np.inf)))
+                        for a in (self.x, self.y)]
+            ext = [(hi + 0.5) - (lo + 0.5) for lo, hi in lims]
+            area = max(float(ext[0]) * float(ext[1]), 1.0)
+            reach = max(abs(float(v)) for lim in lims for v in lim)
+        self._cell = float(np.clip(np.sqrt(self.PER_CELL * area / npts), 8.0, 64.0))
+        # cell indices in int32 (half the memory of int64) unless the positions reach too far
+        itype = np.int32 if (reach + 1.0) / self._cell < 2 ** 29 else np.int64
+        sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
+        seg = []
+        for a, size in ((self.x, sx), (self.y, sy)):
+            with np.errstate(invalid="ignore"):
+                u = np.where(ok, a, 0.0)
+                u += 0.5
+                if np.isfinite(size):
+                    i = u / size
+                    np.floor(i, out=i)
+                    w = i * size
+                    np.subtract(u, w, out=u)  # position inside the segment
+                    del w
+                else:
+                    i = None
+                np.divide(u, self._cell, out=u)
+                np.floor(u, out=u)
+            seg += [None if i is None else i.astype(itype), u.astype(itype)]
+            del u, i
+        self._seg = tuple(seg)
 
     def rescue(self, f, finite, used, invF, invs, scale, sigma) -> None:
         """Put back (in ``used``) the rejected points that agree with their neighbourhood.
@@ -381,7 +421,9 @@ class _Neighbourhoods:
         # compressed to 1-D (one memory order for all, whatever each array's)
         order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
         with np.errstate(invalid="ignore", divide="ignore"):
-            lt = np.log(f * invF[:, None] * invs[None, :])
+            lt = f * invF[:, None]  # the same operations in place: one temporary, not three
+            lt *= invs[None, :]
+            np.log(lt, out=lt)
         good = used & self.ok
         good &= np.isfinite(lt)
         sel = np.flatnonzero(good.ravel(order=order))
@@ -395,6 +437,8 @@ class _Neighbourhoods:
 def cell_means(gk: np.ndarray, gc: np.ndarray, gl: np.ndarray, nspot: int, ncell: int, niter: int):
     """``(r, a, count)`` of ``gl ~ r[gc] - a[gk]`` by ``niter`` alternating means
     (spot index ``gk``, cell index ``gc`` of each point); ``count`` per cell."""
+    gk = np.asarray(gk, dtype=np.intp)  # once: bincount would cast int32 indices on every call
+    gc = np.asarray(gc, dtype=np.intp)
     nk = np.bincount(gk, minlength=nspot).astype(np.float64)
     nc = np.bincount(gc, minlength=ncell).astype(np.float64)
     r = np.zeros(ncell)

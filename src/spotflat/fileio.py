@@ -40,13 +40,6 @@ _STRENC_VALUE = "percent-encoded UTF-8"
 
 # --------------------------------------------------------------------------- paths
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
                  option: str | None = None) -> Path:
     """Fail early, with a clear message, when ``path`` must not be written.
@@ -94,8 +87,17 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
         if not _stat.S_ISREG(st.st_mode):
             raise InputError("output path exists and is not a regular file (a device, pipe or socket)",
                              path=path, expected="a regular file or a new name")
+        # one stat per input against the output's (device, inode) -- what
+        # os.path.samefile does, without stat-ing the output again for each of
+        # thousands of inputs (a rerun over 1400 files did 2800 stats per output)
+        ident = (st.st_dev, st.st_ino)
         for inp in inputs:
-            if _same_file(path, Path(inp)):
+            try:
+                other = os.stat(inp)
+                same = (other.st_dev, other.st_ino) == ident
+            except OSError:
+                same = os.path.abspath(path) == os.path.abspath(inp)
+            if same:
                 raise InputError("output path is one of the input files", path=path,
                                  expected="a new name (the input would be overwritten)")
     parent = path.parent if str(path.parent) else Path(".")

@@ -877,8 +877,13 @@ def flag_points(grids: SpotGrids, max_offset: float | None = DEFAULT_MAX_OFFSET)
         raise InputError(f"max_offset must be positive, got {max_offset}",
                          expected="a fraction of the grid step, e.g. 0.25")
     step = np.minimum(np.asarray(grids.exposures["xstep"], float), np.asarray(grids.exposures["ystep"], float))
+    limit = max_offset * step
+    far = np.empty(grids.dx.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
-        far = np.hypot(grids.dx, grids.dy) > (max_offset * step)[None, :]
+        # by blocks of exposures: no [spot, exposure]-sized float temporary
+        for j0 in range(0, grids.nexp, 128):
+            b = slice(j0, j0 + 128)
+            np.greater(np.hypot(grids.dx[:, b], grids.dy[:, b]), limit[None, b], out=far[:, b])
     if far.any():
         grids.flags[far] |= POINT_FLAGS["far"]
         for q in QUANTITIES:

@@ -37,8 +37,8 @@ then refits, until no exposure is an outlier. Per exposure (:class:`QCResult`
     the brightest tenth of the spots against the rest (saturation and
     brighter-fatter); ``bf_flag`` when one is significant (5 sigma) and large
     (0.2 % per e-fold of peak, 1 % at the top); the size only when it grows
-    with peak (measurement noise makes bright spots look smaller). The peak
-    level uses the spot's median moments, not the point's own.
+    with peak. The peak level uses the spot's median moments and the model
+    flux ``F s``, not the point's own (whose noise is also in ``t``).
 
 The outlier rule, per metric ``m`` (larger is worse): the reference is the
 median of the better half of the exposures in use (so that up to half of a
@@ -395,22 +395,6 @@ def _masked_corr(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.where(n >= 3, r, np.nan)
 
 
-def _masked_slope(x: np.ndarray, y: np.ndarray, m: np.ndarray):
-    """Least-squares slope of y on x per column over ``m``, and its standard error."""
-    n = np.count_nonzero(m, axis=0).astype(np.float64)
-    x0, y0 = np.where(m, x, 0.0), np.where(m, y, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mx, my = x0.sum(0) / n, y0.sum(0) / n
-        sxx = (x0 * x0).sum(0) - n * mx * mx
-        sxy = (x0 * y0).sum(0) - n * mx * my
-        syy = (y0 * y0).sum(0) - n * my * my
-        b = sxy / sxx
-        res = np.maximum(syy - b * sxy, 0.0)
-        err = np.sqrt(res / np.maximum(n - 2, 1) / sxx)
-    ok = (n >= 20) & (sxx > 0)
-    return np.where(ok, b, np.nan), np.where(ok, err, np.nan)
-
-
 #: Runs of at most this many exposures also get the pairwise metric (cost ~ n^2 spots).
 PAIRWISE_MAX = 64
 
@@ -476,83 +460,133 @@ def _score(metrics, pool: np.ndarray, opt: QCOptions) -> tuple[np.ndarray, np.nd
     return score, why
 
 
-def _peak(grids: SpotGrids) -> np.ndarray:
-    """Peak level of each spot from its flux and its *spot's* median moments (Gaussian).
+def _spot_peak(grids: SpotGrids, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(log peak of each spot at s = 1, points with a valid peak)``.
 
-    Not the point's own moments: ``log peak`` would then hold ``-log size``,
-    and the size's measurement noise alone would make size fall with peak
-    (every exposure of a clean simulated run was flagged).
+    A point's peak level is that of its *model* flux ``F[k] s[j]`` over the
+    Gaussian of its *spot's* median moments, so ``log peak[k, j] = lpk[k] +
+    log s[j]``. Neither the point's own moments nor its own flux: ``log peak``
+    would then hold ``-log size`` or the flux's measurement noise, which also
+    sits in ``log t = log f - log(F s)`` -- a regression of ``log t`` on such a
+    ``log peak`` has the slope ``var(noise) / var(log peak)`` on clean data
+    (1 % noise over a +-20 % projector pattern: 0.007 per e-fold, which
+    flagged a fifth of the exposures of a clean 1400-exposure run; with the
+    point's moments every exposure of a clean simulated run was flagged).
+    A point's peak is valid where its flux and its own moments are.
     """
     from .calibration import _nanmedian
 
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        xy = np.where(np.isfinite(grids.xy), grids.xy, 0.0)
-        det = grids.xx * grids.yy - xy * xy
-        det = np.where(det > 0, det, np.nan)
-        spot_det = _nanmedian(det, 1) if grids.nexp <= 64 else np.nanmean(det, axis=1)
-        det = np.where(np.isfinite(spot_det)[:, None] & np.isfinite(det), spot_det[:, None], np.nan)
-        return grids.flux / (2 * np.pi * np.sqrt(det))
+        det = np.where(np.isfinite(grids.xy), grids.xy, 0.0)
+        np.multiply(det, det, out=det)
+        np.subtract(grids.xx * grids.yy, det, out=det)
+        good = det > 0
+        if grids.nexp <= 64:
+            spot_det = _nanmedian(np.where(good, det, np.nan), 1)
+        else:  # the mean: cheaper, and one exposure weighs little in a long run
+            np.copyto(det, 0.0, where=~good)
+            spot_det = det.sum(1) / np.count_nonzero(good, axis=1)
+        del det
+        lpk = np.log(F / (2 * np.pi * np.sqrt(spot_det)))
+    good &= np.isfinite(grids.flux)
+    good &= np.isfinite(lpk)[:, None]
+    return lpk, good
+
+
+def _column_slopes(x: np.ndarray, y: np.ndarray, m: np.ndarray):
+    """Per column: least-squares slope of ``y[:, j]`` on ``x`` (one value per row) over
+    ``m[:, j]``, and its standard error (NaN with < 20 points)."""
+    mf = m.astype(np.float64)
+    x = np.where(np.isfinite(x), x, 0.0)
+    y0 = np.where(m, y, 0.0)
+    n = mf.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx, my = (x @ mf) / n, y0.sum(0) / n
+        sxx = (x * x) @ mf - n * mx * mx
+        sxy = x @ y0 - n * mx * my
+        syy = np.einsum("ij,ij->j", y0, y0) - n * my * my
+        b = sxy / sxx
+        err = np.sqrt(np.maximum(syy - b * sxy, 0.0) / np.maximum(n - 2, 1) / sxx)
+    ok = (n >= 20) & (sxx > 0)
+    return np.where(ok, b, np.nan), np.where(ok, err, np.nan)
 
 
 def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: np.ndarray,
-                     min_effect: float = 0.002, nsig: float = 5.0):
+                     F: np.ndarray, s: np.ndarray, min_effect: float = 0.002, nsig: float = 5.0):
     """Per exposure: slopes of log t and log(size / spot's mean size) on log peak; flags.
 
     Saturated spots lose flux at the top of the peak range (t falls with
     peak); brighter-fatter spots grow (size rises with peak). The spot's own
     mean size over dithers is divided out, so that optical size differences
     across the grid do not count. Flag: slope significant at ``nsig`` and
-    larger than ``min_effect`` per e-fold of peak.
+    larger than ``min_effect`` per e-fold of peak. The peak level is that of
+    the model flux ``F s`` (:func:`_spot_peak`): within an exposure ``log peak``
+    is ``lpk[k]`` plus a constant, so each exposure's slopes are slopes on
+    ``lpk`` (matrix-vector products, no [spot, exposure] peak array), and the
+    brightest tenth of the spots is the same set of spots in every exposure.
     """
     from .calibration import _nanmedian
 
-    peak = _peak(grids)
+    lpk, valid = _spot_peak(grids, F)
     with np.errstate(invalid="ignore", divide="ignore"):
-        lp = np.log(peak)
-        size = grids.xx + grids.yy
-        ls = np.log(size)
+        ls = grids.xx + grids.yy
+        np.log(ls, out=ls)
+        fin = np.isfinite(ls)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             # the spot's median over dithers: one odd exposure does not move the
             # others (the mean, cheaper, for long runs where one exposure weighs little)
-            centre = _nanmedian if grids.nexp <= 64 else \
-                (lambda a, axis: np.nanmean(a, axis=axis))
-            ls_rel = ls - centre(np.where(np.isfinite(ls), ls, np.nan), 1)[:, None]
-            lp_rel = lp - centre(np.where(np.isfinite(lp), lp, np.nan), 1)[:, None]
-    with np.errstate(invalid="ignore"):
-        mt = np.isfinite(lp) & (np.abs(logt - med[None, :]) <= 5 * np.maximum(mad, 1e-12)[None, :])
-        ms = np.isfinite(lp) & (np.abs(ls_rel) <= 0.2)  # a size 20 % off its spot's is not BF
-    ft, e1 = _masked_slope(lp, logt, mt)
-    st, e2 = _masked_slope(lp, ls_rel, ms)
+            if grids.nexp <= 64:
+                centre = _nanmedian(np.where(fin, ls, np.nan), 1)
+            else:
+                centre = np.where(fin, ls, 0.0).sum(1) / np.count_nonzero(fin, axis=1)
+        ls -= centre[:, None]  # ls_rel: size relative to the spot's own
+        x = lpk - np.nanmedian(lpk) if np.isfinite(lpk).any() else lpk  # centred: better sums
+        lim = 5 * np.maximum(mad, 1e-12)
+        dev = np.abs(logt - med[None, :])
+        mt = valid & (dev <= lim[None, :])
+        ms = valid & (np.abs(ls) <= 0.2)  # a size 20 % off its spot's is not BF
+    ft, e1 = _column_slopes(x, logt, mt)
+    st, e2 = _column_slopes(x, ls, ms)
+    del mt
     with np.errstate(invalid="ignore"):
         flag = ((np.abs(ft) > min_effect) & (np.abs(ft) > nsig * e1)) | \
-               ((st > min_effect) & (st > nsig * e2))  # BF grows spots; noise shrinks bright ones
-    # saturation bites at the top of the peak range only: t of the brightest
-    # tenth against the rest (clipped means)
-    with np.errstate(invalid="ignore"):
-        mtop = np.isfinite(lp) & (np.abs(logt - med[None, :]) <= 0.1)  # saturation losses stay in
-    _, _, _, p90 = _column_stats(np.where(mtop, lp, np.nan))
-    hi = mtop & (lp >= p90[None, :])
-    lo = mtop & ~hi
+               ((st > min_effect) & (st > nsig * e2))  # BF grows spots
+        # saturation bites at the top of the peak range only: t of the brightest
+        # tenth of the spots against the rest (clipped means)
+        mtop = valid & (dev <= 0.1)  # saturation losses stay in
+    del dev
+    fx = np.isfinite(x)
+    top_spot = (x >= np.quantile(x[fx], 0.9)) & fx if fx.any() else fx
+    t0 = np.where(mtop, logt, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        nh, nl = hi.sum(0), lo.sum(0)
-        top = np.where(hi, logt, 0.0).sum(0) / nh - np.where(lo, logt, 0.0).sum(0) / nl
+        hi_w = top_spot.astype(np.float64)
+        nall = np.count_nonzero(mtop, axis=0)
+        nh = hi_w @ mtop
+        nl = nall - nh
+        sh = hi_w @ t0
+        top = sh / nh - (t0.sum(0) - sh) / nl
         err = mad * np.sqrt(1.0 / nh + 1.0 / nl)
         flag |= (nh >= 5) & (np.abs(top) > 5 * min_effect) & (np.abs(top) > nsig * err)
     top = np.where(nh >= 5, top, np.nan)
-    # per spot: size against peak across dithers (the spot's own lever arm)
+    del t0, mtop
+    # per spot: size against peak across dithers (the spot's own lever arm: its
+    # peak moves with s[j] alone); sums over each row by matrix-vector products
     with np.errstate(invalid="ignore", divide="ignore"):
-        m = np.isfinite(lp_rel) & np.isfinite(ls_rel)
-        n = m.sum(1)
-        x0 = np.where(m, lp_rel, 0.0)
-        y0 = np.where(m, ls_rel, 0.0)
-        sxx = (x0 * x0).sum(1) - x0.sum(1) ** 2 / np.maximum(n, 1)
-        sxy = (x0 * y0).sum(1) - x0.sum(1) * y0.sum(1) / np.maximum(n, 1)
+        lsj = np.log(s)
+        lsj = np.where(np.isfinite(lsj), lsj - np.nanmedian(lsj), 0.0) if np.isfinite(lsj).any() else lsj
+        m = valid & np.isfinite(ls) & np.isfinite(np.log(s))[None, :]
+        mf = m.astype(np.float64)
+        y0 = np.where(m, ls, 0.0)
+        n = mf.sum(1)
+        nn = np.maximum(n, 1)
+        sx, sy = mf @ lsj, y0.sum(1)
+        sxx = mf @ (lsj * lsj) - sx * sx / nn
+        sxy = y0 @ lsj - sx * sy / nn
+        syy = np.einsum("ij,ij->i", y0, y0) - sy * sy / nn
         b = sxy / sxx
-        res = np.where(m, y0 - y0.sum(1, keepdims=True) / np.maximum(n, 1)[:, None]
-                       - b[:, None] * (x0 - x0.sum(1, keepdims=True) / np.maximum(n, 1)[:, None]), 0.0)
-        err = np.sqrt((res * res).sum(1) / np.maximum(n - 2, 1) / sxx)
+        err = np.sqrt(np.maximum(syy - b * sxy, 0.0) / np.maximum(n - 2, 1) / sxx)
         spot_bf = (n >= 5) & (b > min_effect) & (b > nsig * err)
     return ft, st, top, flag, spot_bf
 
@@ -664,7 +698,7 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
         res = fit(exclude)
 
     xc, yc = _grid_centres(grids)
-    ft, st, top, bf, spot_bf = _brighter_fatter(grids, logt, med, scatter)
+    ft, st, top, bf, spot_bf = _brighter_fatter(grids, logt, med, scatter, F, s)
     reg_name = np.array([tested[j][0][0] if j in tested and tested[j][1] * opt.reg_gain < tested[j][2]
                          else "identity" for j in range(nexp)], dtype=object)
     for n, tr in registered.items():

@@ -90,16 +90,35 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
     catalogues are the same bit for bit as with --workers 1.
     """
     from ..errors import InputError
+
+    raw = output
+    if not raw:
+        raise InputError("-o/--output: empty output path", expected="a file or folder name")
+    # the QC figure's matplotlib import and first draw, on another core while
+    # this process reads and fits (it draws itself when the helper cannot)
+    helper = None
+    if qc and qc_figure:
+        from ..qcplot import FigureProcess
+
+        helper = FigureProcess()
+    try:
+        _calibrate(spotdata_dir, raw, flux_column, stat, sigma, min_dithers, detector, ecsv, max_offset, qc,
+                   keep, drop, register, qc_figure, workers, scheduler, quiet, helper)
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+def _calibrate(spotdata_dir, raw, flux_column, stat, sigma, min_dithers, detector, ecsv, max_offset, qc,
+               keep, drop, register, qc_figure, workers, scheduler, quiet, helper) -> None:
+    from ..errors import InputError
     from ..fileio import check_output, check_output_dir, check_writable
     from ..focalplane import calibrate_detectors
     from ..grids import find_grid_files, group_by_detector, select_detector
     from ..parallel import Runner
     from ..qc import QCOptions
 
-    raw = output
-    if not raw:
-        raise InputError("-o/--output: empty output path", expected="a file or folder name")
-    output = Path(output)
+    output = Path(raw)
     to_dir = _is_dir_output(output, raw)
     if to_dir:
         # a folder: the same checks as every command's output folder (the file
@@ -144,7 +163,7 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
             if issubclass(w.category, UserWarning):
                 click.echo(f"Warning: {w.message}", err=True)
         how = runner.describe()
-    written_all = _write_all(cals, output, several, to_dir, ecsv, qc_figure, inputs=paths)
+    written_all = _write_all(cals, output, several, to_dir, ecsv, qc_figure, inputs=paths, helper=helper)
     if len(written_all) == 1:
         det, cal, written = written_all[0]
         _summary(det, cal, written, how)
@@ -152,7 +171,7 @@ def calibrate(spotdata_dir: Path, output: str, flux_column: str | None, stat: st
         _short_summary(written_all, how)
 
 
-def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figure: bool, inputs=()):
+def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figure: bool, inputs=(), helper=None):
     """Write every catalogue with its QC table and figure: all staged, then renamed together."""
     from ..calibration import write_calibration
     from ..fileio import atomic_path, make_output_dir, staged_outputs
@@ -174,7 +193,7 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
                 if figure:
                     from ..qcplot import write_qc_figure
 
-                    files.append(write_qc_figure(cal.qc, out.with_name(f"{out.stem}_qc.png"), det))
+                    files.append(write_qc_figure(cal.qc, out.with_name(f"{out.stem}_qc.png"), det, helper=helper))
             written_all.append((det, cal, files))
     return written_all
 
