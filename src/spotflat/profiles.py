@@ -70,7 +70,7 @@ def _centred(v: np.ndarray, ok: np.ndarray, relative: bool = False) -> np.ndarra
 
 
 def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndarray, box: int = 32,
-                        nsigma: float = 6.0) -> None:
+                        nsigma: float = 6.0, sampled: np.ndarray | None = None) -> None:
     """Drop points on localised flat structure (dust donuts, defects): it is not a ring.
 
     A point is dropped when the flat over its footprint departs from the
@@ -78,6 +78,9 @@ def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndar
     flat's noise at a point; that noise is measured from the two
     checkerboard halves (their difference is pure noise). Real rings
     (1e-4) are far below the threshold; a 1 % dust shadow is far above it.
+    ``sampled`` is the flat over the footprints of the ``ok`` points
+    (:func:`spotflat.footprint.sample_flat` with ``sigma=sig``) when it is
+    already at hand.
     """
     ny, nx = img.shape
     nby, nbx = ny // box, nx // box
@@ -94,9 +97,11 @@ def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndar
     jb = np.clip((np.where(fin, y, 0) + 0.5) // box, 0, nby - 1).astype(int)
     # the per-spot centring cancels in the difference of two points of one spot; work on raw levels
     raw = np.full(x.shape, np.nan)
-    from .footprint import sample_flat
+    if sampled is None:
+        from .footprint import sample_flat
 
-    raw[ok] = sample_flat(img, x[ok], y[ok], sigma=sig) / level
+        sampled = sample_flat(img, x[ok], y[ok], sigma=sig)
+    raw[ok] = sampled / level
     local = med[jb, ib] / level
     bad = fin & (np.abs(raw - local) > nsigma * max(noise, 1e-12) * np.sqrt(2))
     for key in ("flux", "dx", "dy", "size", "flat", "flat_a", "flat_b"):
@@ -181,19 +186,20 @@ def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | N
            "dx": _centred(dx, okc), "dy": _centred(dy, okc), "size": _centred(T, okT, relative=True),
            "sigma2": np.where(okT, T / 2, np.nanmedian(np.where(okT, T, np.nan)) / 2), "flat": None}
     if flat is not None:
-        from .footprint import sample_flat
+        from .footprint import sample_flat_checkerboard
 
         img = np.asarray(flat, float)
         sig = np.sqrt(np.clip(out["sigma2"][ok], 0.5, 50.0))
-        # two halves of the flat on a checkerboard: independent pixel noise, the same response
-        checker = (np.add.outer(np.arange(img.shape[0]), np.arange(img.shape[1])) % 2).astype(bool)
-        for key, half in (("flat_a", checker), ("flat_b", ~checker)):
+        # two halves of the flat on a checkerboard (pixels with i + j odd: "a", even: "b"): independent
+        # pixel noise, the same response; one pass gives both halves and the whole flat (for the defects)
+        whole, half_a, half_b = sample_flat_checkerboard(img, grids.x[ok], grids.y[ok], sig, half_min_weight=0.2)
+        for key, half in (("flat_a", half_a), ("flat_b", half_b)):
             q = np.full(f.shape, np.nan)
-            q[ok] = sample_flat(np.where(half, img, np.nan), grids.x[ok], grids.y[ok], sigma=sig, min_weight=0.2)
+            q[ok] = half
             okq = ok & np.isfinite(q) & (q > 0)
             out[key] = _centred(q, okq, relative=True)
         out["flat"] = 0.5 * (out["flat_a"] + out["flat_b"])
-        _mask_local_defects(out, img, sig, ok)
+        _mask_local_defects(out, img, sig, ok, sampled=whole)
         if detector:
             _remove_amp_levels(out, detector)
     return out
