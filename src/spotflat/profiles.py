@@ -31,6 +31,7 @@ resample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import warnings
 
@@ -86,8 +87,15 @@ def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndar
     nby, nbx = ny // box, nx // box
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
-                           .reshape(nby, nbx, box * box), axis=2)
+        cells = (img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
+                 .reshape(nby * nbx, box * box))
+        # nanmedian goes cell by cell (slow); cells without NaN take np.median's one vectorised pass
+        full = np.isfinite(cells).all(axis=1)
+        med = np.empty(nby * nbx)
+        med[full] = np.median(cells[full], axis=1)
+        if not full.all():
+            med[~full] = np.nanmedian(cells[~full], axis=1)
+        med = med.reshape(nby, nbx)
         level = np.nanmean(med)
         diff = 0.5 * (out["flat_a"] - out["flat_b"])
         noise = 1.4826 * np.nanmedian(np.abs(diff - np.nanmedian(diff)))
@@ -289,25 +297,59 @@ _TEMPLATE_NAMES = {"flux": "flat", "radial_shift": "-integral(flat)", "size": "-
                    "area": "centroid and size combined"}
 
 
-def _smooth(p: np.ndarray, width: int) -> np.ndarray:
-    """Local quadratic fit over ``width`` bins (Savitzky-Golay, exact at the ends); NaN bins interpolated."""
-    from scipy.signal import savgol_filter
+def _savgol_width(nb: int, width: int) -> int:
+    """The Savitzky-Golay window (odd, 5 .. nb) for a trend over ``width`` bins; < 5 when nb is too short."""
+    return min(max(int(width) | 1, 5), nb if nb % 2 else nb - 1)
 
-    p = np.asarray(p, float)
-    ok = np.isfinite(p)
-    if ok.sum() < 3:
-        return np.full(p.shape, np.nan)
-    i = np.arange(p.size)
-    filled = np.interp(i, i[ok], p[ok])
-    w = min(max(int(width) | 1, 5), (p.size // 2) * 2 - 1 if p.size % 2 == 0 else p.size)
+
+@lru_cache(maxsize=8)
+def _smoother(nb: int, width: int):
+    """The local quadratic (Savitzky-Golay, ``mode="interp"``) trend as a sparse ``nb x nb`` matrix.
+
+    The filter is linear: column ``j`` is its response to the unit vector
+    ``e_j``. It is banded (the window) apart from the fitted ends, so the
+    trend of many profiles at once is one sparse product. None when the
+    window would be shorter than 5 bins.
+    """
+    from scipy.signal import savgol_filter
+    from scipy.sparse import csr_matrix
+
+    w = _savgol_width(nb, width)
     if w < 5:
-        return np.full(p.shape, np.nanmean(p))
-    return savgol_filter(filled, w, 2, mode="interp")
+        return None
+    return csr_matrix(savgol_filter(np.eye(nb), w, 2, mode="interp", axis=0))
+
+
+def _highpass_rows(P: np.ndarray, width: int) -> np.ndarray:
+    """Each row of ``P`` minus its local quadratic trend over ``width`` bins (NaN bins stay NaN).
+
+    NaN bins are interpolated before the trend is fitted; a row with fewer
+    than 3 finite bins becomes all NaN; with fewer than 5 bins the trend is
+    the row's mean.
+    """
+    P = np.atleast_2d(np.asarray(P, float))
+    m, nb = P.shape
+    fin = np.isfinite(P)
+    nfin = fin.sum(axis=1)
+    S = _smoother(nb, width)
+    if S is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            trend = np.broadcast_to(np.nanmean(P, axis=1, keepdims=True), P.shape).copy()
+    else:
+        filled = P.copy()
+        i = np.arange(nb)
+        for r in np.flatnonzero((nfin < nb) & (nfin >= 3)):
+            filled[r] = np.interp(i, i[fin[r]], P[r, fin[r]])
+        filled[nfin < 3] = 0.0
+        trend = (S @ filled.T).T
+    trend[nfin < 3] = np.nan
+    return np.where(fin, P - trend, np.nan)
 
 
 def _highpass(p: np.ndarray, width: int) -> np.ndarray:
     """``p`` minus its local quadratic trend (NaN bins stay NaN)."""
-    return np.where(np.isfinite(p), p - _smooth(p, width), np.nan)
+    return _highpass_rows(p, width)[0]
 
 
 def _highpass_matrix(nb: int, width: int | None) -> np.ndarray:
@@ -315,24 +357,31 @@ def _highpass_matrix(nb: int, width: int | None) -> np.ndarray:
     eye = np.eye(nb)
     if width is None:
         return eye
-    from scipy.signal import savgol_filter
-
-    w = min(max(int(width) | 1, 5), nb if nb % 2 else nb - 1)
-    if w < 5:
+    S = _smoother(nb, width)
+    if S is None:
         return eye - 1.0 / nb
-    return eye - savgol_filter(eye, w, 2, mode="interp", axis=0)
+    return eye - S.toarray()
 
 
 def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | None) -> dict:
-    """Linear maps from the flat's (high-passed) profile to each quantity's (area, QE-leakage) templates."""
+    """Linear maps from the flat's (high-passed) profile to each quantity's (area, QE-leakage) templates.
+
+    Identity-like and banded maps are sparse matrices (they are applied to
+    every bootstrap replicate); the integral is dense.
+    """
+    from scipy.sparse import csr_matrix, identity
+
     H = _highpass_matrix(nb, hp_bins if kind == "radial" else None)
     if kind == "radial":
-        integ = H @ (-np.tril(np.ones((nb, nb))) * width)  # f = -integral(dq), high-passed like the data
+        T = -np.tril(np.ones((nb, nb))) * width
+        S = _smoother(nb, hp_bins) if hp_bins is not None else None
+        # f = -integral(dq), high-passed like the data: H T with H = 1 - S (S sparse: no n^3 product)
+        integ = T - (S @ T if S is not None else T.mean(axis=0, keepdims=True)) if hp_bins is not None else T
     else:
         integ = np.triu(np.ones((nb, nb))) * width  # the displacement vanishes deep inside
-    D1 = np.gradient(np.eye(nb), width, axis=0)
+    D1 = csr_matrix(np.gradient(np.eye(nb), width, axis=0))
     D2 = D1 @ D1
-    eye = np.eye(nb)
+    eye = identity(nb, format="csr")
     return {"flux": (eye, None), "radial_shift": (integ, sigma2 * D1), "size": (-eye, 0.5 * sigma2 * D2), "H": H}
 
 
@@ -403,12 +452,18 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     ops = _operators(nb, width, kind, sigma2, hp_bins)
     groups = [half == 0, half == 1]
 
-    def hp(p):
+    def hp_rows(P):
+        """High-pass each row (profile) of ``P``: radial trend, or the edge profiles' deep level."""
         if kind != "radial":
-            tail = p[-max(len(p) // 4, 1):]
-            ref = np.nanmean(tail) if np.isfinite(tail).any() else 0.0
-            return p - ref
-        return _highpass(p, hp_bins)
+            tail = P[:, -max(P.shape[1] // 4, 1):]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ref = np.nanmean(tail, axis=1, keepdims=True)
+            return P - np.where(np.isfinite(ref), ref, 0.0)
+        return _highpass_rows(P, hp_bins)
+
+    def hp(p):
+        return hp_rows(p[None, :])[0]
 
     caches = [{}, {}, {}]
     subsets = [(coord[g], {q: v[g] for q, v in vals.items()}, spot[g]) for g in groups]
@@ -435,12 +490,37 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     counts = bootstrap_counts(nspot, int(nboot), rng) if nboot > 0 else np.zeros((0, nspot))
     boot = {q: np.empty((counts.shape[0], nb)) for q in prof}
     amps_boot = {q: [] for q in amp0}
-    for b in range(counts.shape[0]):
-        pb, partsb, _ = profiles(counts[b])
-        for q in pb:
-            boot[q][b] = pb[q]
-        for q, a in amplitudes(partsb)[0].items():
-            amps_boot[q].append(a)
+    # A bootstrap profile is a bin's count-weighted sum over spots: with each group's per-spot bin sums
+    # as sparse (bin x spot) matrices, all replicates' profiles are two sparse products (no per-replicate
+    # pass over the points)
+    from scipy.sparse import csr_matrix
+
+    idx = np.searchsorted(edges, coord, side="right") - 1
+    inb = (idx >= 0) & (idx < nb)
+    sums = []
+    for g in [np.ones(coord.shape, bool)] + groups:
+        per = {}
+        for q, v in vals.items():
+            k = np.flatnonzero(g & inb & np.isfinite(v))
+            per[q] = (csr_matrix((v[k], (idx[k], spot[k])), shape=(nb, nspot)),
+                      csr_matrix((np.ones(k.size), (idx[k], spot[k])), shape=(nb, nspot)))
+        sums.append(per)
+    chunk = 256  # replicates per batch: bounded memory for large nboot
+    for b0 in range(0, counts.shape[0], chunk):
+        cf = counts[b0:b0 + chunk].T.astype(float)  # (spot, replicate)
+        rows = []
+        for per in sums:
+            rg = {}
+            for q, (S, C) in per.items():
+                sm, nn = S @ cf, C @ cf
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    rg[q] = hp_rows(np.where(nn > 0, sm / nn, np.nan).T)
+            rows.append(rg)
+        for j in range(cf.shape[1]):
+            for q in prof:
+                boot[q][b0 + j] = rows[0][q][j]
+            for q, a in amplitudes([{q: r[q][j] for q in r} for r in rows[1:]])[0].items():
+                amps_boot[q].append(a)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # empty bins: NaN errors, not a warning
         errors = {q: (np.nanstd(boot[q], axis=0, ddof=1) if counts.shape[0] > 1 else np.full(nb, np.nan))
