@@ -304,20 +304,32 @@ def _savgol_width(nb: int, width: int) -> int:
 
 @lru_cache(maxsize=8)
 def _smoother(nb: int, width: int):
-    """The local quadratic (Savitzky-Golay, ``mode="interp"``) trend as a sparse ``nb x nb`` matrix.
+    """The local quadratic (Savitzky-Golay, as ``scipy.signal.savgol_filter(..., 2, mode="interp")``)
+    trend as a sparse ``nb x nb`` matrix.
 
-    The filter is linear: column ``j`` is its response to the unit vector
-    ``e_j``. It is banded (the window) apart from the fitted ends, so the
-    trend of many profiles at once is one sparse product. None when the
-    window would be shorter than 5 bins.
+    Interior bins: the quadratic least-squares fit over the ``w`` bins about
+    each one, evaluated at its centre; the first and last ``w // 2`` bins:
+    the fit over the first (last) ``w`` bins evaluated there. Banded apart
+    from the ends, so the trend of many profiles at once is one sparse
+    product. Built here rather than with ``scipy.signal``, whose import
+    (with ``scipy.stats``) costs most of a second on every run. None when
+    the window would be shorter than 5 bins.
     """
-    from scipy.signal import savgol_filter
     from scipy.sparse import csr_matrix
 
     w = _savgol_width(nb, width)
     if w < 5:
         return None
-    return csr_matrix(savgol_filter(np.eye(nb), w, 2, mode="interp", axis=0))
+    h = w // 2
+    u = np.arange(-h, h + 1, dtype=float) / h  # scaled: a well-conditioned fit
+    fit = np.linalg.pinv(np.vander(u, 3, increasing=True))  # (3, w): coefficients from the window
+    S = np.zeros((nb, nb))
+    rows = np.arange(h, nb - h)
+    S[rows[:, None], rows[:, None] + np.arange(-h, h + 1)] = fit[0]  # value at the centre
+    ends = np.vander(u, 3, increasing=True) @ fit  # (w, w): the window's fit at each of its bins
+    S[:h, :w] = ends[:h]
+    S[nb - h:, nb - w:] = ends[w - h:]
+    return csr_matrix(S)
 
 
 def _highpass_rows(P: np.ndarray, width: int) -> np.ndarray:
