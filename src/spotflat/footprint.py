@@ -160,7 +160,7 @@ def tophat_kernel(radius: float, subsample: int = TOPHAT_SUBSAMPLE) -> np.ndarra
 
 
 def kernel_sigma(sigma: Any) -> np.ndarray:
-    """The Gaussian kernel width whose weights match a footprint of width ``sigma``.
+    r"""The Gaussian kernel width whose weights match a footprint of width ``sigma``.
 
     :func:`sample_flat` convolves the kernel with the bilinear tent, which
     adds ``fx (1 - fx)`` to the weights' variance along each axis, 1/6
