@@ -12,7 +12,7 @@ from scipy import ndimage
 import spotflat
 from spotflat import InputError
 from spotflat.footprint import (bin_flat, correlate_separable, flat_gradient, footprint_sigma,
-                                sample_flat)
+                                sample_flat, sample_flat_checkerboard)
 
 NY, NX = 64, 72
 
@@ -304,3 +304,59 @@ def test_bad_pixel_term_scatter_and_convolution_agree(monkeypatch):
     convolved = sample_flat(flat, x, y, sigma=2.2)
     assert np.array_equal(np.isnan(scattered), np.isnan(convolved))
     np.testing.assert_allclose(scattered, convolved, rtol=1e-12, equal_nan=True)
+
+
+# ---------------------------------------------------------------- checkerboard halves in one pass
+
+def test_checkerboard_halves_equal_masked_sampling():
+    """The one-pass halves equal sample_flat on each checkerboard-masked flat (and on the whole flat),
+    with a bad column, scattered bad pixels, per-position widths and positions at the CCD edges."""
+    rng = np.random.default_rng(11)
+    flat = analytic_flat() + 0.02 * rng.standard_normal((NY, NX))  # pixel noise: the halves differ
+    flat[:, 30] = np.nan  # a bad column: all of it in one half on even rows, the other on odd rows
+    flat[rng.integers(0, NY, 60), rng.integers(0, NX, 60)] = np.nan
+    x, y = random_positions(rng, 400)
+    x[:40] = 30.0 + rng.uniform(-2, 2, 40)  # on and around the bad column
+    x[40:44], y[40:44] = [-0.5, NX - 0.5, 5.0, 20.0], [3.0, 10.0, -0.5, NY - 0.5]
+    sigma = rng.uniform(0.7, 3.2, x.size)
+    sigma[44:48] = 0.0  # no footprint: bilinear interpolation
+    odd = (np.add.outer(np.arange(NY), np.arange(NX)) % 2).astype(bool)
+    q, qa, qb = sample_flat_checkerboard(flat, x, y, sigma, half_min_weight=0.2)
+    refs = (sample_flat(flat, x, y, sigma=sigma),
+            sample_flat(np.where(odd, flat, np.nan), x, y, sigma=sigma, min_weight=0.2),
+            sample_flat(np.where(~odd, flat, np.nan), x, y, sigma=sigma, min_weight=0.2))
+    for got, ref in zip((q, qa, qb), refs):
+        assert np.array_equal(np.isnan(got), np.isnan(ref))
+        ok = np.isfinite(ref)
+        assert ok.sum() > 300
+        np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-12, atol=0)
+    # the halves really are different pixels: their difference is the pixel noise, not zero
+    d = (qa - qb)[np.isfinite(qa - qb)]
+    assert np.std(d) > 1e-3
+    # near the bad column one half loses much more weight than the other: the masking matters
+    near = np.abs(x - 30.0) < 0.5
+    assert np.nanmax(np.abs(qa[near] - q[near])) > 1e-3
+
+
+def test_checkerboard_matches_brute_force_on_a_half():
+    """Against the documented weighting itself (not only against sample_flat)."""
+    rng = np.random.default_rng(12)
+    flat = analytic_flat() + 0.02 * rng.standard_normal((NY, NX))
+    flat[:, 30] = np.nan
+    odd = (np.add.outer(np.arange(NY), np.arange(NX)) % 2).astype(bool)
+    x, y = random_positions(rng, 25)
+    x[:5] = 30.0 + rng.uniform(-1, 1, 5)
+    _, qa, qb = sample_flat_checkerboard(flat, x, y, 1.9, half_min_weight=0.2)
+    kernel = gauss_weights(1.9)
+    for got, half in ((qa, odd), (qb, ~odd)):
+        ref = np.array([brute_force(np.where(half, flat, np.nan), a, b, kernel, min_weight=0.2)
+                        for a, b in zip(x, y)])
+        assert np.array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-10, atol=0)
+
+
+def test_checkerboard_bad_input():
+    with pytest.raises(InputError):
+        sample_flat_checkerboard(analytic_flat(), [1e6], [1e6], 2.0)
+    with pytest.raises(InputError):
+        sample_flat_checkerboard(analytic_flat(), [5.0], [5.0], 2.0, half_min_weight=1.5)

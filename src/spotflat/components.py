@@ -45,7 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as sps
+from scipy import special
+
 
 from .errors import InputError
 
@@ -123,17 +124,29 @@ class ComponentResult:
         return row
 
 
+# Student t and normal tails from scipy.special: the same functions scipy.stats.t / norm evaluate
+# (stdtr, stdtrit, ndtr, ndtri), without the ~0.6 s import of scipy.stats on every run
+def _t_sf(x: float, dof: float) -> float:
+    """Upper tail ``P(T > x)`` of Student's t with ``dof`` degrees of freedom (NaN unless dof > 0)."""
+    return float(special.stdtr(dof, -x)) if dof > 0 else float("nan")
+
+
+def _t_ppf(q: float, dof: float) -> float:
+    """Quantile of Student's t (NaN unless dof > 0)."""
+    return float(special.stdtrit(dof, q)) if dof > 0 else float("nan")
+
+
 def _t_interval(value: float, err: float, dof: int, confidence: float = 0.95) -> tuple[float, float]:
     if not (np.isfinite(value) and np.isfinite(err)) or dof < 1:
         return float("nan"), float("nan")
-    tq = float(sps.t.ppf(0.5 + confidence / 2, dof))
+    tq = _t_ppf(0.5 + confidence / 2, dof)
     return value - tq * err, value + tq * err
 
 
 def _t_pvalue(value: float, err: float, dof: int) -> float:
     if not (np.isfinite(value) and np.isfinite(err)) or err <= 0 or dof < 1:
         return float("nan")
-    return float(2 * sps.t.sf(abs(value) / err, dof))
+    return 2 * _t_sf(abs(value) / err, dof)
 
 
 # --------------------------------------------------------------------------
@@ -178,7 +191,7 @@ def _edge_fraction(edges: np.ndarray, pos: np.ndarray, sigma: np.ndarray | None,
         z = np.clip(d / radius, -1, 1)  # share of a disc left of a chord at distance d
         cdf = 0.5 + (z * np.sqrt(1 - z * z) + np.arcsin(z)) / np.pi
     elif sigma is not None:
-        cdf = sps.norm.cdf(d / np.maximum(sigma, 1e-6)[:, None])
+        cdf = special.ndtr(d / np.maximum(sigma, 1e-6)[:, None])
     else:
         cdf = (d > 0).astype(float)
     cdf[:, 0], cdf[:, -1] = 0.0, 1.0  # beyond the CCD edges: renormalised away
@@ -425,12 +438,12 @@ def _amp_component(dec: Decomposition, noise_per_point: float | None, nperm: int
     slope_low, slope_high = _t_interval(slope, slope_err, dof, confidence)
     # Fisher z on n - ngroup + 1 effective pairs
     zse = 1.0 / np.sqrt(max(dof - 1, 1))
-    zq = float(sps.norm.ppf(0.5 + confidence / 2))
+    zq = float(special.ndtri(0.5 + confidence / 2))
     z = np.arctanh(np.clip(r, -0.999999, 0.999999))
     r_low, r_high = float(np.tanh(z - zq * zse)), float(np.tanh(z + zq * zse))
     r_err = float((1 - r * r) * zse)
     tstat = r * np.sqrt(dof / max(1 - r * r, 1e-300))
-    p = float(2 * sps.t.sf(abs(tstat), dof))
+    p = 2 * _t_sf(abs(tstat), dof)
     # permutation of the levels within groups (amplifiers of one read-out row)
     p_perm = nan
     if nperm > 0:

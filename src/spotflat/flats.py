@@ -568,11 +568,19 @@ def find_outliers(image: np.ndarray, valid: np.ndarray | None = None, nsigma: fl
         return np.zeros(image.shape, dtype=bool)
     g = gaussian_kernel1d(sigma)
     centre = g[len(g) // 2] ** 2
+    from .footprint import TRUNCATE, _bad_term, _profile
+
     vals = np.where(valid, image, 0.0)
     weight = valid.astype(np.float64)
-    maps = correlate_separable([vals, weight], g, g)
+    num = correlate_separable(vals, g, g)
+    # the valid weight K * m = K * (CCD) - K * (masked): the first term is the product of two 1-D
+    # profiles, the second is scattered from the (usually few) masked pixels -- one convolution, not two
+    ny, nx = image.shape
+    den = np.multiply.outer(_profile(ny, "gauss", sigma, TRUNCATE)[1:-1],
+                            _profile(nx, "gauss", sigma, TRUNCATE)[1:-1])
+    if not valid.all():
+        den -= _bad_term(~valid, g, g, pad=0)
     # in place, full-size temporaries are what this costs on a 4k x 4k CCD
-    num, den = maps[..., 0], maps[..., 1]
     vals *= centre
     num -= vals  # leave the pixel itself out
     weight *= centre
@@ -583,7 +591,7 @@ def find_outliers(image: np.ndarray, valid: np.ndarray | None = None, nsigma: fl
         np.divide(num, den, out=num)  # the local level
         dev = np.divide(image, num, out=np.full(image.shape, np.nan), where=usable)
     dev -= 1.0
-    del maps, num, den
+    del num, den
     usable &= np.isfinite(dev)
     if not usable.any():
         return np.zeros(image.shape, dtype=bool)

@@ -34,6 +34,7 @@ resample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import warnings
 
@@ -73,7 +74,7 @@ def _centred(v: np.ndarray, ok: np.ndarray, relative: bool = False) -> np.ndarra
 
 
 def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndarray, box: int = 32,
-                        nsigma: float = 6.0) -> None:
+                        nsigma: float = 6.0, sampled: np.ndarray | None = None) -> None:
     """Drop points on localised flat structure (dust donuts, defects): it is not a ring.
 
     A point is dropped when the flat over its footprint departs from the
@@ -81,13 +82,23 @@ def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndar
     flat's noise at a point; that noise is measured from the two
     checkerboard halves (their difference is pure noise). Real rings
     (1e-4) are far below the threshold; a 1 % dust shadow is far above it.
+    ``sampled`` is the flat over the footprints of the ``ok`` points
+    (:func:`spotflat.footprint.sample_flat` with ``sigma=sig``) when it is
+    already at hand.
     """
     ny, nx = img.shape
     nby, nbx = ny // box, nx // box
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
-                           .reshape(nby, nbx, box * box), axis=2)
+        cells = (img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
+                 .reshape(nby * nbx, box * box))
+        # nanmedian goes cell by cell (slow); cells without NaN take np.median's one vectorised pass
+        full = np.isfinite(cells).all(axis=1)
+        med = np.empty(nby * nbx)
+        med[full] = np.median(cells[full], axis=1)
+        if not full.all():
+            med[~full] = np.nanmedian(cells[~full], axis=1)
+        med = med.reshape(nby, nbx)
         level = np.nanmean(med)
         diff = 0.5 * (out["flat_a"] - out["flat_b"])
         noise = 1.4826 * np.nanmedian(np.abs(diff - np.nanmedian(diff)))
@@ -97,9 +108,11 @@ def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndar
     jb = np.clip((np.where(fin, y, 0) + 0.5) // box, 0, nby - 1).astype(int)
     # the per-spot centring cancels in the difference of two points of one spot; work on raw levels
     raw = np.full(x.shape, np.nan)
-    from .footprint import sample_flat
+    if sampled is None:
+        from .footprint import sample_flat
 
-    raw[ok] = sample_flat(img, x[ok], y[ok], sigma=sig) / level
+        sampled = sample_flat(img, x[ok], y[ok], sigma=sig)
+    raw[ok] = sampled / level
     local = med[jb, ib] / level
     bad = fin & (np.abs(raw - local) > nsigma * max(noise, 1e-12) * np.sqrt(2))
     for key in ("flux", "dx", "dy", "size", "flat", "flat_a", "flat_b"):
@@ -184,19 +197,20 @@ def point_quantities(grids, flat: np.ndarray | None = None, used: np.ndarray | N
            "dx": _centred(dx, okc), "dy": _centred(dy, okc), "size": _centred(T, okT, relative=True),
            "sigma2": np.where(okT, T / 2, np.nanmedian(np.where(okT, T, np.nan)) / 2), "flat": None}
     if flat is not None:
-        from .footprint import sample_flat
+        from .footprint import sample_flat_checkerboard
 
         img = np.asarray(flat, float)
         sig = np.sqrt(np.clip(out["sigma2"][ok], 0.5, 50.0))
-        # two halves of the flat on a checkerboard: independent pixel noise, the same response
-        checker = (np.add.outer(np.arange(img.shape[0]), np.arange(img.shape[1])) % 2).astype(bool)
-        for key, half in (("flat_a", checker), ("flat_b", ~checker)):
+        # two halves of the flat on a checkerboard (pixels with i + j odd: "a", even: "b"): independent
+        # pixel noise, the same response; one pass gives both halves and the whole flat (for the defects)
+        whole, half_a, half_b = sample_flat_checkerboard(img, grids.x[ok], grids.y[ok], sig, half_min_weight=0.2)
+        for key, half in (("flat_a", half_a), ("flat_b", half_b)):
             q = np.full(f.shape, np.nan)
-            q[ok] = sample_flat(np.where(half, img, np.nan), grids.x[ok], grids.y[ok], sigma=sig, min_weight=0.2)
+            q[ok] = half
             okq = ok & np.isfinite(q) & (q > 0)
             out[key] = _centred(q, okq, relative=True)
         out["flat"] = 0.5 * (out["flat_a"] + out["flat_b"])
-        _mask_local_defects(out, img, sig, ok)
+        _mask_local_defects(out, img, sig, ok, sampled=whole)
         if detector:
             _remove_amp_levels(out, detector)
     return out
@@ -287,25 +301,71 @@ _TEMPLATE_NAMES = {"flux": "flat", "radial_shift": "-integral(flat)", "size": "-
                    "area": "centroid and size combined"}
 
 
-def _smooth(p: np.ndarray, width: int) -> np.ndarray:
-    """Local quadratic fit over ``width`` bins (Savitzky-Golay, exact at the ends); NaN bins interpolated."""
-    from scipy.signal import savgol_filter
+def _savgol_width(nb: int, width: int) -> int:
+    """The Savitzky-Golay window (odd, 5 .. nb) for a trend over ``width`` bins; < 5 when nb is too short."""
+    return min(max(int(width) | 1, 5), nb if nb % 2 else nb - 1)
 
-    p = np.asarray(p, float)
-    ok = np.isfinite(p)
-    if ok.sum() < 3:
-        return np.full(p.shape, np.nan)
-    i = np.arange(p.size)
-    filled = np.interp(i, i[ok], p[ok])
-    w = min(max(int(width) | 1, 5), (p.size // 2) * 2 - 1 if p.size % 2 == 0 else p.size)
+
+@lru_cache(maxsize=8)
+def _smoother(nb: int, width: int):
+    """The local quadratic (Savitzky-Golay, as ``scipy.signal.savgol_filter(..., 2, mode="interp")``)
+    trend as a sparse ``nb x nb`` matrix.
+
+    Interior bins: the quadratic least-squares fit over the ``w`` bins about
+    each one, evaluated at its centre; the first and last ``w // 2`` bins:
+    the fit over the first (last) ``w`` bins evaluated there. Banded apart
+    from the ends, so the trend of many profiles at once is one sparse
+    product. Built here rather than with ``scipy.signal``, whose import
+    (with ``scipy.stats``) costs most of a second on every run. None when
+    the window would be shorter than 5 bins.
+    """
+    from scipy.sparse import csr_matrix
+
+    w = _savgol_width(nb, width)
     if w < 5:
-        return np.full(p.shape, np.nanmean(p))
-    return savgol_filter(filled, w, 2, mode="interp")
+        return None
+    h = w // 2
+    u = np.arange(-h, h + 1, dtype=float) / h  # scaled: a well-conditioned fit
+    fit = np.linalg.pinv(np.vander(u, 3, increasing=True))  # (3, w): coefficients from the window
+    S = np.zeros((nb, nb))
+    rows = np.arange(h, nb - h)
+    S[rows[:, None], rows[:, None] + np.arange(-h, h + 1)] = fit[0]  # value at the centre
+    ends = np.vander(u, 3, increasing=True) @ fit  # (w, w): the window's fit at each of its bins
+    S[:h, :w] = ends[:h]
+    S[nb - h:, nb - w:] = ends[w - h:]
+    return csr_matrix(S)
+
+
+def _highpass_rows(P: np.ndarray, width: int) -> np.ndarray:
+    """Each row of ``P`` minus its local quadratic trend over ``width`` bins (NaN bins stay NaN).
+
+    NaN bins are interpolated before the trend is fitted; a row with fewer
+    than 3 finite bins becomes all NaN; with fewer than 5 bins the trend is
+    the row's mean.
+    """
+    P = np.atleast_2d(np.asarray(P, float))
+    m, nb = P.shape
+    fin = np.isfinite(P)
+    nfin = fin.sum(axis=1)
+    S = _smoother(nb, width)
+    if S is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            trend = np.broadcast_to(np.nanmean(P, axis=1, keepdims=True), P.shape).copy()
+    else:
+        filled = P.copy()
+        i = np.arange(nb)
+        for r in np.flatnonzero((nfin < nb) & (nfin >= 3)):
+            filled[r] = np.interp(i, i[fin[r]], P[r, fin[r]])
+        filled[nfin < 3] = 0.0
+        trend = (S @ filled.T).T
+    trend[nfin < 3] = np.nan
+    return np.where(fin, P - trend, np.nan)
 
 
 def _highpass(p: np.ndarray, width: int) -> np.ndarray:
     """``p`` minus its local quadratic trend (NaN bins stay NaN)."""
-    return np.where(np.isfinite(p), p - _smooth(p, width), np.nan)
+    return _highpass_rows(p, width)[0]
 
 
 def _highpass_matrix(nb: int, width: int | None) -> np.ndarray:
@@ -313,24 +373,31 @@ def _highpass_matrix(nb: int, width: int | None) -> np.ndarray:
     eye = np.eye(nb)
     if width is None:
         return eye
-    from scipy.signal import savgol_filter
-
-    w = min(max(int(width) | 1, 5), nb if nb % 2 else nb - 1)
-    if w < 5:
+    S = _smoother(nb, width)
+    if S is None:
         return eye - 1.0 / nb
-    return eye - savgol_filter(eye, w, 2, mode="interp", axis=0)
+    return eye - S.toarray()
 
 
 def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | None) -> dict:
-    """Linear maps from the flat's (high-passed) profile to each quantity's (area, QE-leakage) templates."""
+    """Linear maps from the flat's (high-passed) profile to each quantity's (area, QE-leakage) templates.
+
+    Identity-like and banded maps are sparse matrices (they are applied to
+    every bootstrap replicate); the integral is dense.
+    """
+    from scipy.sparse import csr_matrix, identity
+
     H = _highpass_matrix(nb, hp_bins if kind == "radial" else None)
     if kind == "radial":
-        integ = H @ (-np.tril(np.ones((nb, nb))) * width)  # f = -integral(dq), high-passed like the data
+        T = -np.tril(np.ones((nb, nb))) * width
+        S = _smoother(nb, hp_bins) if hp_bins is not None else None
+        # f = -integral(dq), high-passed like the data: H T with H = 1 - S (S sparse: no n^3 product)
+        integ = T - (S @ T if S is not None else T.mean(axis=0, keepdims=True)) if hp_bins is not None else T
     else:
         integ = np.triu(np.ones((nb, nb))) * width  # the displacement vanishes deep inside
-    D1 = np.gradient(np.eye(nb), width, axis=0)
+    D1 = csr_matrix(np.gradient(np.eye(nb), width, axis=0))
     D2 = D1 @ D1
-    eye = np.eye(nb)
+    eye = identity(nb, format="csr")
     return {"flux": (eye, None), "radial_shift": (integ, sigma2 * D1), "size": (-eye, 0.5 * sigma2 * D2), "H": H}
 
 
@@ -416,12 +483,18 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     ops = _operators(nb, width, kind, sigma2, hp_bins)
     groups = [half == 0, half == 1]
 
-    def hp(p):
+    def hp_rows(P):
+        """High-pass each row (profile) of ``P``: radial trend, or the edge profiles' deep level."""
         if kind != "radial":
-            tail = p[-max(len(p) // 4, 1):]
-            ref = np.nanmean(tail) if np.isfinite(tail).any() else 0.0
-            return p - ref
-        return _highpass(p, hp_bins)
+            tail = P[:, -max(P.shape[1] // 4, 1):]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ref = np.nanmean(tail, axis=1, keepdims=True)
+            return P - np.where(np.isfinite(ref), ref, 0.0)
+        return _highpass_rows(P, hp_bins)
+
+    def hp(p):
+        return hp_rows(p[None, :])[0]
 
     caches = [{}, {}, {}]
     subsets = [(coord[g], {q: v[g] for q, v in vals.items()}, spot[g]) for g in groups]
@@ -453,14 +526,39 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     boot = {q: np.empty((counts.shape[0], nb)) for q in prof}
     amps_boot = {q: [] for q in amp0}
     pow_boot = []
-    for b in range(counts.shape[0]):
-        pb, partsb, _ = profiles(counts[b])
-        for q in pb:
-            boot[q][b] = pb[q]
-        ab, pw = amplitudes(partsb)
-        for q, a in ab.items():
-            amps_boot[q].append(a)
-        pow_boot.append(pw)
+    # A bootstrap profile is a bin's count-weighted sum over spots: with each group's per-spot bin sums
+    # as sparse (bin x spot) matrices, all replicates' profiles are two sparse products (no per-replicate
+    # pass over the points)
+    from scipy.sparse import csr_matrix
+
+    idx = np.searchsorted(edges, coord, side="right") - 1
+    inb = (idx >= 0) & (idx < nb)
+    sums = []
+    for g in [np.ones(coord.shape, bool)] + groups:
+        per = {}
+        for q, v in vals.items():
+            k = np.flatnonzero(g & inb & np.isfinite(v))
+            per[q] = (csr_matrix((v[k], (idx[k], spot[k])), shape=(nb, nspot)),
+                      csr_matrix((np.ones(k.size), (idx[k], spot[k])), shape=(nb, nspot)))
+        sums.append(per)
+    chunk = 256  # replicates per batch: bounded memory for large nboot
+    for b0 in range(0, counts.shape[0], chunk):
+        cf = counts[b0:b0 + chunk].T.astype(float)  # (spot, replicate)
+        rows = []
+        for per in sums:
+            rg = {}
+            for q, (S, C) in per.items():
+                sm, nn = S @ cf, C @ cf
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    rg[q] = hp_rows(np.where(nn > 0, sm / nn, np.nan).T)
+            rows.append(rg)
+        for j in range(cf.shape[1]):
+            for q in prof:
+                boot[q][b0 + j] = rows[0][q][j]
+            ab, pw = amplitudes([{q: r[q][j] for q in r} for r in rows[1:]])
+            for q, a in ab.items():
+                amps_boot[q].append(a)
+            pow_boot.append(pw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # empty bins: NaN errors, not a warning
         errors = {q: (np.nanstd(boot[q], axis=0, ddof=1) if counts.shape[0] > 1 else np.full(nb, np.nan))
