@@ -59,24 +59,42 @@ def test_write_png(qc, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+_CHILD_CHECK = """
+import os, sys
+from pathlib import Path
+from astropy.table import Table
+from spotflat.qcplot import FigureProcess, write_qc_figure
+
+qc, tmp = Table.read(sys.argv[1]), Path(sys.argv[2])
+here = write_qc_figure(qc, tmp / "here.png", "R22_S11")
+with FigureProcess() as helper:
+    assert helper.pid is not None, "no fork in a fresh process"
+    assert helper.draw(qc, tmp / "child.png", "R22_S11")
+    assert (tmp / "child.png").read_bytes() == here.read_bytes()
+    pid = helper.pid
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    helper.pid = pid  # as if still alive: the broken pipe must make draw() fail, not hang
+    assert not helper.draw(qc, tmp / "x.png", "R22_S11")
+    out = write_qc_figure(qc, tmp / "fallback.png", "R22_S11", helper=helper)
+    assert out.read_bytes() == here.read_bytes()
+assert helper.pid is None
+print("ok")
+"""
+
+
 def test_figure_process_draws_the_same_png(qc, tmp_path):
     """The forked helper writes the very PNG this process would; a dead helper
-    falls back to drawing here, and nothing of it is left running."""
+    falls back to drawing here, and nothing of it is left running. Run in a
+    fresh process, as the command line is: the test process may have threads
+    (then no fork is attempted)."""
     import os
+    import subprocess
+    import sys
 
-    from spotflat.qcplot import FigureProcess
-
-    here = write_qc_figure(qc, tmp_path / "here.png", "R22_S11")
-    with FigureProcess() as helper:
-        if helper.pid is None:
-            pytest.skip("no fork here (threads running, or no os.fork)")
-        assert helper.draw(qc, tmp_path / "child.png", "R22_S11")
-        assert (tmp_path / "child.png").read_bytes() == here.read_bytes()
-        pid = helper.pid
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        helper.pid = pid  # as if still alive: the broken pipe must make draw() fail, not hang
-        assert not helper.draw(qc, tmp_path / "x.png", "R22_S11")
-        out = write_qc_figure(qc, tmp_path / "fallback.png", "R22_S11", helper=helper)
-        assert out.read_bytes() == here.read_bytes()
-    assert helper.pid is None
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    qc.write(tmp_path / "qc.ecsv")
+    res = subprocess.run([sys.executable, "-c", _CHILD_CHECK, str(tmp_path / "qc.ecsv"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
