@@ -721,14 +721,15 @@ def _drive(flat, x, y, sigma, radius, detector, min_weight, step, truncate, grad
         kind, size, name = "tophat", radius, "radius"
     else:
         kind, size, name = "none", 0.0, "size"
-    prep = _prepare(flat)
-    del flat
     nout = 2 if grad else 1
     out = [np.full(x.shape, np.nan) for _ in range(nout)]
     groups = list(_size_groups(size, x.shape, step, name))
     patches = None
-    if kind == "gauss" and not grad and _patches_cheaper(groups, int(on.sum()), prep[0].shape, truncate):
-        patches = _Patches(prep, groups, truncate)
+    if kind == "gauss" and not grad and _patches_cheaper(groups, int(on.sum()), flat.shape, truncate):
+        patches = _Patches(flat, groups, truncate)
+    # the zeroed copy for the convolutions, only when some footprint size needs them
+    prep = _prepare(flat) if patches is None or any(v <= 0 for v, _ in groups) else None
+    del flat
     for value, sel in groups:
         use = on if sel is None else (on & sel)
         if patches is not None and value > 0:
@@ -838,7 +839,7 @@ def sample_flat_checkerboard(flat: Any, x: Any, y: Any, sigma: Any, *, min_weigh
             raise InputError(f"min_weight must be within 0..1, got {w}")
     x, y, on = _positions(x, y, flat.shape)
     groups = list(_size_groups(sigma, x.shape, step, "sigma"))
-    patches = _Patches(_prepare(flat), groups, truncate)
+    patches = _Patches(flat, groups, truncate)
     del flat
     out = [np.full(x.shape, np.nan) for _ in range(3)]
     for value, sel in groups:
@@ -866,15 +867,21 @@ class _Patches:
     ``(-1)**(i + j)``, see :func:`sample_flat_checkerboard`).
     """
 
-    def __init__(self, prep: tuple[np.ndarray, np.ndarray | None], groups: list, truncate: float) -> None:
-        fz, bad = prep
+    def __init__(self, flat: np.ndarray, groups: list, truncate: float) -> None:
         self.truncate = truncate
-        ny, nx = self.shape = fz.shape
+        ny, nx = self.shape = flat.shape
         radii = [int(np.ceil(truncate * v)) if v > 0 else 0 for v, _ in groups]
         self.pad = pad = max(radii, default=0) + 1
-        # zero-padded copies: every patch lies inside; off-CCD pixels count as masked
+        # zero-padded copies: every patch lies inside; off-CCD pixels count as masked.
+        # The flat goes straight into the padded copy, its masked pixels zeroed there
         self.fpad = np.zeros((ny + 2 * pad, nx + 2 * pad))
-        self.fpad[pad:pad + ny, pad:pad + nx] = fz
+        inner = self.fpad[pad:pad + ny, pad:pad + nx]
+        inner[...] = flat
+        bad = ~np.isfinite(inner)
+        if bad.any():
+            inner[bad] = 0.0
+        else:
+            bad = None
         self.bpad = None
         if bad is not None:
             self.bpad = np.zeros(self.fpad.shape, dtype=bool)
