@@ -90,15 +90,19 @@ def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndar
     nby, nbx = ny // box, nx // box
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        cells = (img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
-                 .reshape(nby * nbx, box * box))
-        # nanmedian goes cell by cell (slow); cells without NaN take np.median's one vectorised pass
-        full = np.isfinite(cells).all(axis=1)
-        med = np.empty(nby * nbx)
-        med[full] = np.median(cells[full], axis=1)
-        if not full.all():
-            med[~full] = np.nanmedian(cells[~full], axis=1)
-        med = med.reshape(nby, nbx)
+        med = np.empty((nby, nbx))
+        # one row of cells at a time: the cells' copy stays small (the whole CCD's is 128 MB)
+        for jb in range(nby):
+            cells = (img[jb * box:(jb + 1) * box, :nbx * box].reshape(box, nbx, box).transpose(1, 0, 2)
+                     .reshape(nbx, box * box))
+            # nanmedian goes cell by cell (slow); cells without NaN take np.median's one vectorised pass
+            full = np.isfinite(cells).all(axis=1)
+            row = med[jb]
+            if full.all():
+                row[:] = np.median(cells, axis=1)
+            else:
+                row[full] = np.median(cells[full], axis=1)
+                row[~full] = np.nanmedian(cells[~full], axis=1)
         level = np.nanmean(med)
         diff = 0.5 * (out["flat_a"] - out["flat_b"])
         noise = 1.4826 * np.nanmedian(np.abs(diff - np.nanmedian(diff)))
