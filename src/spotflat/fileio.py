@@ -494,7 +494,10 @@ def fits_unescape(value: object) -> object:
 def fits_table_safe(table):
     """A copy of an astropy ``Table`` whose string columns FITS can hold.
 
-    When any value had to be encoded, ``table.meta[STRENC]`` says so, and
+    String columns come back as ASCII bytes (``S``) of the column's width
+    (wider only if encoding lengthened a value): what FITS stores, so
+    astropy writes them without encoding every row again. When any value
+    had to be encoded, ``table.meta[STRENC]`` says so, and
     :func:`fits_table_unescape` restores the values on reading.
     """
     import numpy as np
