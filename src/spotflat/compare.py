@@ -499,8 +499,10 @@ def summarize_by_distance(comp: Comparison, kind: str = "any",
     v = comp.valid
     dist = geometry.distance_to_boundary(comp.detector, comp.x[v], comp.y[v], kind=kind)
     idx = np.digitize(dist, edges) - 1
-    labels = np.array([f"{edges[i]:g}-{edges[i + 1]:g}" if 0 <= i < len(edges) - 1 else "" for i in idx])
     order = [f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(len(edges) - 1)]
+    # one label per bin, indexed per point (not one formatted string per point); "" outside the bins
+    inside = (idx >= 0) & (idx < len(order))
+    labels = np.array(order + [""])[np.where(inside, idx, len(order))]
     tab = _group_summary(labels, comp.d[v], comp.t[v], comp.q[v], np.nonzero(v)[0], order)
     lo = {o: edges[i] for i, o in enumerate(order)}
     tab.add_column([lo[g] for g in tab["group"]], name="dist_min", index=0)

@@ -112,13 +112,17 @@ def _tent_overlap(c1: np.ndarray, half: int, p: np.ndarray, q: np.ndarray) -> np
     """
     i0, j0 = np.floor(p), np.floor(q)
     fp, fq = p - i0, q - j0
-    lag = (j0 - i0).astype(np.int64)
-    out = np.zeros(np.broadcast(p, q).shape)
-    for a, ta in ((0, 1 - fp), (1, fp)):
-        for b, tb in ((0, 1 - fq), (1, fq)):
-            idx = lag + b - a + half
-            ok = (idx >= 0) & (idx < c1.size)
-            out += np.where(ok, ta * tb * c1[np.clip(idx, 0, c1.size - 1)], 0.0)
+    gp = 1.0 - fp
+    # the four tent corners fall on three lags: lag - 1, lag, lag + 1 (in units of c1's index);
+    # c1 padded with zeros so that one clipped index serves all three (lags beyond it are zero)
+    cpad = np.zeros(c1.size + 6)
+    cpad[3:-3] = c1
+    base = (j0 - i0).astype(np.int64)
+    base += half + 3
+    np.clip(base, 1, cpad.size - 2, out=base)
+    out = cpad[base] * (gp * (1.0 - fq) + fp * fq)
+    out += cpad[base + 1] * (gp * fq)
+    out += cpad[base - 1] * (fp * (1.0 - fq))
     return out
 
 

@@ -189,7 +189,8 @@ def write_figure_set(figures: Mapping[str, Figure], outdir: str | os.PathLike, d
         written = []
         for name, fig in figures.items():
             with atomic_path(outdir / name) as tmp:
-                fig.savefig(tmp, dpi=dpi, format="png")
+                # zlib level 1: the same pixels, ~10 % larger files, a fraction of level 6's deflate time
+                fig.savefig(tmp, dpi=dpi, format="png", pil_kwargs={"compress_level": 1})
             written.append(outdir / name)
         with atomic_path(outdir / MANIFEST) as tmp:
             tmp.write_text("".join(f"{n}\n" for n in sorted(figures)))

@@ -494,7 +494,10 @@ def fits_unescape(value: object) -> object:
 def fits_table_safe(table):
     """A copy of an astropy ``Table`` whose string columns FITS can hold.
 
-    When any value had to be encoded, ``table.meta[STRENC]`` says so, and
+    String columns come back as ASCII bytes (``S``) of the column's width
+    (wider only if encoding lengthened a value): what FITS stores, so
+    astropy writes them without encoding every row again. When any value
+    had to be encoded, ``table.meta[STRENC]`` says so, and
     :func:`fits_table_unescape` restores the values on reading.
     """
     import numpy as np
@@ -504,12 +507,19 @@ def fits_table_safe(table):
     for name in out.colnames:
         col = out[name]
         if col.dtype.kind == "U" and col.ndim == 1:
-            # each distinct value once (a long table repeats a few names)
-            values, inverse = np.unique(np.asarray(col), return_inverse=True)
-            safe = [fits_safe(str(v)) for v in values]
-            if safe != [str(v) for v in values]:
-                out[name] = np.array(safe, dtype=str)[inverse.ravel()]
+            # each distinct value once (a long table repeats a few names): a dict, not a sort of the strings
+            codes: dict = {}
+            inverse = np.fromiter((codes.setdefault(v, len(codes)) for v in np.asarray(col).tolist()),
+                                  dtype=np.intp, count=len(col))
+            values = list(codes)
+            safe = [fits_safe(v) for v in values]
+            width = col.dtype.itemsize // 4
+            if safe != values:
                 encoded = True
+                width = max([len(v) for v in safe] + [1])
+            # as ASCII bytes of the column's width: what FITS stores (astropy would encode
+            # every row again); the file is the same
+            out[name] = np.array([v.encode("ascii") for v in safe], dtype=f"S{width}")[inverse]
     if encoded:
         out.meta = dict(out.meta)
         out.meta[STRENC] = _STRENC_VALUE

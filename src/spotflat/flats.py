@@ -332,6 +332,15 @@ def check_flat_varies(flat: np.ndarray, path=None) -> None:
     InputError
     """
     v = np.asarray(flat, dtype=np.float64)
+    n = int(np.count_nonzero(np.isfinite(v)))
+    if n == 0:
+        return
+    # the usual flat decides without a full-size copy: std >= range / sqrt(2 n) (the extreme
+    # pixels alone give that much) and |mean| <= max(|min|, |max|); only a flat that nearly
+    # fails takes the exact test below
+    lo, hi = float(np.fmin.reduce(v, axis=None)), float(np.fmax.reduce(v, axis=None))
+    if np.isfinite(hi - lo) and (hi - lo) / np.sqrt(2.0 * n) > 2e-9 * max(abs(lo), abs(hi), 1e-300):
+        return
     v = v[np.isfinite(v)]
     if v.size and np.std(v) <= 1e-9 * max(abs(float(np.mean(v))), 1e-300):
         raise InputError("the flat is constant (zero variance over its valid pixels)", path=path,
@@ -528,6 +537,9 @@ def _read_user_mask(mask, shape) -> np.ndarray | None:
 
 # --------------------------------------------------------------------------- masking
 
+_STRIPE = 32  # rows per stripe of find_outliers' pixel arithmetic (temporaries stay in cache)
+
+
 def find_outliers(image: np.ndarray, valid: np.ndarray | None = None, nsigma: float = 10.0,
                   floor: float = 0.05, sigma: float = 2.0) -> np.ndarray:
     """Pixels far from their local level.
@@ -570,29 +582,36 @@ def find_outliers(image: np.ndarray, valid: np.ndarray | None = None, nsigma: fl
     centre = g[len(g) // 2] ** 2
     from .footprint import TRUNCATE, _bad_term, _profile
 
-    vals = np.where(valid, image, 0.0)
-    weight = valid.astype(np.float64)
-    num = correlate_separable(vals, g, g)
+    # a fully valid image is convolved as it is (no zeroed copy)
+    all_valid = bool(valid.all())
+    num = correlate_separable(image if all_valid else np.where(valid, image, 0.0), g, g)
     # the valid weight K * m = K * (CCD) - K * (masked): the first term is the product of two 1-D
     # profiles, the second is scattered from the (usually few) masked pixels -- one convolution, not two
     ny, nx = image.shape
-    den = np.multiply.outer(_profile(ny, "gauss", sigma, TRUNCATE)[1:-1],
-                            _profile(nx, "gauss", sigma, TRUNCATE)[1:-1])
-    if not valid.all():
-        den -= _bad_term(~valid, g, g, pad=0)
-    # in place, full-size temporaries are what this costs on a 4k x 4k CCD
-    vals *= centre
-    num -= vals  # leave the pixel itself out
-    weight *= centre
-    den -= weight
-    del vals, weight
-    usable = valid & (den > 0.05)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        np.divide(num, den, out=num)  # the local level
-        dev = np.divide(image, num, out=np.full(image.shape, np.nan), where=usable)
-    dev -= 1.0
-    del num, den
-    usable &= np.isfinite(dev)
+    py = _profile(ny, "gauss", sigma, TRUNCATE)[1:-1]
+    px = _profile(nx, "gauss", sigma, TRUNCATE)[1:-1]
+    bad = None if all_valid else _bad_term(~valid, g, g, pad=0)
+    usable = np.empty(image.shape, dtype=bool)
+    # the rest in stripes of rows, in place in the convolution's output: on a 4k x 4k CCD every
+    # fresh full-size temporary costs more (page faults) than the arithmetic
+    for r0 in range(0, ny, _STRIPE):
+        r1 = min(r0 + _STRIPE, ny)
+        im, ok, nm = image[r0:r1], valid[r0:r1], num[r0:r1]
+        den = np.multiply.outer(py[r0:r1], px)
+        if bad is not None:
+            den -= bad[r0:r1]
+        nm -= np.where(ok, im, 0.0) * centre  # leave the pixel itself out
+        den -= ok * centre
+        use = usable[r0:r1]
+        np.greater(den, 0.05, out=use)
+        use &= ok
+        with np.errstate(invalid="ignore", divide="ignore"):
+            np.divide(nm, den, out=nm)  # the local level
+            nm[...] = np.divide(im, nm, out=np.full(im.shape, np.nan), where=use)
+        nm -= 1.0
+        use &= np.isfinite(nm)
+    del bad
+    dev = num  # the relative deviations
     if not usable.any():
         return np.zeros(image.shape, dtype=bool)
     sample = dev[usable]

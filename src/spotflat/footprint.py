@@ -721,13 +721,22 @@ def _drive(flat, x, y, sigma, radius, detector, min_weight, step, truncate, grad
         kind, size, name = "tophat", radius, "radius"
     else:
         kind, size, name = "none", 0.0, "size"
-    prep = _prepare(flat)
-    del flat
     nout = 2 if grad else 1
     out = [np.full(x.shape, np.nan) for _ in range(nout)]
-    for value, sel in _size_groups(size, x.shape, step, name):
+    groups = list(_size_groups(size, x.shape, step, name))
+    patches = None
+    if kind == "gauss" and not grad and _patches_cheaper(groups, int(on.sum()), flat.shape, truncate):
+        patches = _Patches(flat, groups, truncate)
+    # the zeroed copy for the convolutions, only when some footprint size needs them
+    prep = _prepare(flat) if patches is None or any(v <= 0 for v, _ in groups) else None
+    del flat
+    for value, sel in groups:
         use = on if sel is None else (on & sel)
-        if use.all():  # the common case: no copies of the positions
+        if patches is not None and value > 0:
+            # few positions for the CCD's pixels: gathered patches, not a whole-CCD convolution per size
+            if use.any():
+                out[0][use] = patches.sample(x[use], y[use], value, (min_weight, 0.0), checker=False)[0]
+        elif use.all():  # the common case: no copies of the positions
             res = _sample_ratio(prep, x.ravel(), y.ravel(), kind, value, truncate, min_weight, grad)
             res = res if grad else (res,)
             out = [r.reshape(x.shape) for r in res]
@@ -736,6 +745,18 @@ def _drive(flat, x, y, sigma, radius, detector, min_weight, step, truncate, grad
             for o, r in zip(out, res if grad else (res,)):
                 o[use] = r
     return tuple(o[()] for o in out) if grad else out[0][()]
+
+
+_PATCH_COST = 0.7  # patch pixels per position against CCD pixels per footprint size, where the paths cost alike
+
+
+def _patches_cheaper(groups: list, npos: int, shape: tuple[int, int], truncate: float) -> bool:
+    """Whether gathered patches beat one whole-CCD convolution per footprint size."""
+    sizes = [v for v, _ in groups if v > 0]
+    if not sizes:
+        return False
+    L = 2 * int(np.ceil(truncate * max(sizes))) + 2
+    return npos * L * L < _PATCH_COST * len(sizes) * shape[0] * shape[1]
 
 
 def _tent_weights(g: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -817,39 +838,76 @@ def sample_flat_checkerboard(flat: Any, x: Any, y: Any, sigma: Any, *, min_weigh
         if not 0.0 <= w <= 1.0:
             raise InputError(f"min_weight must be within 0..1, got {w}")
     x, y, on = _positions(x, y, flat.shape)
-    ny, nx = flat.shape
     groups = list(_size_groups(sigma, x.shape, step, "sigma"))
-    radii = [int(np.ceil(truncate * v)) if v > 0 else 0 for v, _ in groups]
-    pad = max(radii, default=0) + 1
-    fz, bad = _prepare(flat)
-    # zero-padded copies: every patch lies inside; off-CCD pixels count as masked
-    fpad = np.zeros((ny + 2 * pad, nx + 2 * pad))
-    fpad[pad:pad + ny, pad:pad + nx] = fz
-    del fz
-    if bad is not None:
-        bpad = np.zeros(fpad.shape, dtype=bool)
-        bpad[pad:pad + ny, pad:pad + nx] = bad
-    inside_y = np.zeros(ny + 2 * pad)
-    inside_y[pad:pad + ny] = 1.0
-    inside_x = np.zeros(nx + 2 * pad)
-    inside_x[pad:pad + nx] = 1.0
+    patches = _Patches(flat, groups, truncate)
+    del flat
     out = [np.full(x.shape, np.nan) for _ in range(3)]
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    for (value, sel), R in zip(groups, radii):
+    for value, sel in groups:
         use = on if sel is None else (on & sel)
         if not use.any():
             continue
-        g = gaussian_kernel1d(value, truncate) if value > 0 else np.ones(1)
-        L = g.size + 1
-        win = sliding_window_view(fpad, (L, L))
-        bwin = sliding_window_view(bpad, (L, L)) if bad is not None else None
-        alt = np.where(np.arange(L) % 2 == 0, 1.0, -1.0)
         idx = np.flatnonzero(use.ravel())
-        xs_all, ys_all = x.ravel()[idx], y.ravel()[idx]
-        res = [np.empty(idx.size) for _ in range(3)]
+        res = patches.sample(x.ravel()[idx], y.ravel()[idx], value, (min_weight, half_min_weight), checker=True)
+        for o, r in zip(out, res):
+            o.ravel()[idx] = r
+    return tuple(o[()] for o in out)
+
+
+class _Patches:
+    """Gathered-patch sums of a flat over Gaussian footprints (no whole-CCD convolution).
+
+    The footprint mean at a position is ``N / D`` with ``N = sum_p w_p m_p f_p``
+    and ``D = sum_p w_p m_p``, the weights ``w_p = W_y(i) W_x(j)`` the 1-D
+    kernel convolved with the bilinear tent (:func:`_tent_weights`): exactly
+    the bilinear interpolation of the convolved maps that :func:`sample_flat`
+    builds, to rounding. ``D`` is a product of 1-D sums, corrected only at
+    positions whose patch holds a masked pixel. The cost grows with the number
+    of positions, not with the CCD's pixels or the number of footprint sizes.
+    With ``checker`` also the checkerboard sums ``N_c``, ``D_c`` (signs
+    ``(-1)**(i + j)``, see :func:`sample_flat_checkerboard`).
+    """
+
+    def __init__(self, flat: np.ndarray, groups: list, truncate: float) -> None:
+        self.truncate = truncate
+        ny, nx = self.shape = flat.shape
+        radii = [int(np.ceil(truncate * v)) if v > 0 else 0 for v, _ in groups]
+        self.pad = pad = max(radii, default=0) + 1
+        # zero-padded copies: every patch lies inside; off-CCD pixels count as masked.
+        # The flat goes straight into the padded copy, its masked pixels zeroed there
+        self.fpad = np.zeros((ny + 2 * pad, nx + 2 * pad))
+        inner = self.fpad[pad:pad + ny, pad:pad + nx]
+        inner[...] = flat
+        bad = ~np.isfinite(inner)
+        if bad.any():
+            inner[bad] = 0.0
+        else:
+            bad = None
+        self.bpad = None
+        if bad is not None:
+            self.bpad = np.zeros(self.fpad.shape, dtype=bool)
+            self.bpad[pad:pad + ny, pad:pad + nx] = bad
+        self.inside_y = np.zeros(ny + 2 * pad)
+        self.inside_y[pad:pad + ny] = 1.0
+        self.inside_x = np.zeros(nx + 2 * pad)
+        self.inside_x[pad:pad + nx] = 1.0
+
+    def sample(self, xs_all: np.ndarray, ys_all: np.ndarray, value: float, min_weights: tuple[float, float],
+               checker: bool) -> list[np.ndarray]:
+        """``[q]`` (or ``[q, q_a, q_b]`` with ``checker``) at on-CCD positions, one footprint width."""
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        ny, nx = self.shape
+        pad = self.pad
+        min_weight, half_min_weight = min_weights
+        R = int(np.ceil(self.truncate * value)) if value > 0 else 0
+        g = gaussian_kernel1d(value, self.truncate) if value > 0 else np.ones(1)
+        L = g.size + 1
+        win = sliding_window_view(self.fpad, (L, L))
+        bwin = sliding_window_view(self.bpad, (L, L)) if self.bpad is not None else None
+        alt = np.where(np.arange(L) % 2 == 0, 1.0, -1.0)
+        res = [np.empty(xs_all.size) for _ in range(3 if checker else 1)]
         chunk = max(1, (1 << 21) // (L * L))  # patches of ~16 MB
-        for c0 in range(0, idx.size, chunk):
+        for c0 in range(0, xs_all.size, chunk):
             xs, ys = xs_all[c0:c0 + chunk], ys_all[c0:c0 + chunk]
             # as in _bilinear_many: padded index x0 = floor(x + 1) (positions are on the CCD), clamped
             x0 = np.minimum((xs + 1.0).astype(np.intp), nx)
@@ -859,37 +917,40 @@ def sample_flat_checkerboard(flat: Any, x: Any, y: Any, sigma: Any, *, min_weigh
             # patch column k is CCD pixel x0 - 1 - R + k, i.e. padded-array column x0 - 1 - R + k + pad
             jx, iy = x0 - 1 - R + pad, y0 - 1 - R + pad
             patch = win[iy, jx]  # (n, L, L): rows i, columns j
-            sx = np.where((x0 - 1 - R) % 2 == 0, 1.0, -1.0)  # (-1)**j of column 0
-            sy = np.where((y0 - 1 - R) % 2 == 0, 1.0, -1.0)
-            wxc = wx * alt
-            wyc = wy * alt
             rows = np.einsum("nij,nj->ni", patch, wx)
-            rowsc = np.einsum("nij,nj->ni", patch, wxc)
             N = np.einsum("ni,ni->n", rows, wy)
-            Nc = np.einsum("ni,ni->n", rowsc, wyc) * (sx * sy)
             # valid weight on the CCD: separable; masked pixels subtracted below
             offx = jx[:, None] + np.arange(L)
             offy = iy[:, None] + np.arange(L)
-            ix_, iy_ = inside_x[offx], inside_y[offy]
+            ix_, iy_ = self.inside_x[offx], self.inside_y[offy]
             D = np.einsum("nj,nj->n", wx, ix_) * np.einsum("ni,ni->n", wy, iy_)
-            Dc = np.einsum("nj,nj->n", wxc, ix_) * np.einsum("ni,ni->n", wyc, iy_) * (sx * sy)
+            if checker:
+                sx = np.where((x0 - 1 - R) % 2 == 0, 1.0, -1.0)  # (-1)**j of column 0
+                sy = np.where((y0 - 1 - R) % 2 == 0, 1.0, -1.0)
+                wxc = wx * alt
+                wyc = wy * alt
+                rowsc = np.einsum("nij,nj->ni", patch, wxc)
+                Nc = np.einsum("ni,ni->n", rowsc, wyc) * (sx * sy)
+                Dc = np.einsum("nj,nj->n", wxc, ix_) * np.einsum("ni,ni->n", wyc, iy_) * (sx * sy)
             if bwin is not None:
                 bp = bwin[iy, jx]
                 hit = np.flatnonzero(bp.any(axis=(1, 2)))
                 if hit.size:
                     b = bp[hit].astype(np.float64)
                     D[hit] -= np.einsum("ni,nij,nj->n", wy[hit], b, wx[hit])
-                    Dc[hit] -= np.einsum("ni,nij,nj->n", wyc[hit], b, wxc[hit]) * (sx * sy)[hit]
-            for k, (num, den, mw) in enumerate(((N, D, min_weight), (0.5 * (N - Nc), 0.5 * (D - Dc), half_min_weight),
-                                                (0.5 * (N + Nc), 0.5 * (D + Dc), half_min_weight))):
+                    if checker:
+                        Dc[hit] -= np.einsum("ni,nij,nj->n", wyc[hit], b, wxc[hit]) * (sx * sy)[hit]
+            parts = [(N, D, min_weight)]
+            if checker:
+                parts += [(0.5 * (N - Nc), 0.5 * (D - Dc), half_min_weight),
+                          (0.5 * (N + Nc), 0.5 * (D + Dc), half_min_weight)]
+            for k, (num, den, mw) in enumerate(parts):
                 low = ~(den >= max(mw, 1e-12))
                 with np.errstate(invalid="ignore", divide="ignore"):
                     r = num / den
                 r[low] = np.nan
                 res[k][c0:c0 + chunk] = r
-        for o, r in zip(out, res):
-            o.ravel()[idx] = r
-    return tuple(o[()] for o in out)
+        return res
 
 
 def flat_gradient(flat: Any, x: Any, y: Any, sigma: Any = None, radius: Any = None, *,

@@ -90,15 +90,19 @@ def _mask_local_defects(out: dict, img: np.ndarray, sig: np.ndarray, ok: np.ndar
     nby, nbx = ny // box, nx // box
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        cells = (img[:nby * box, :nbx * box].reshape(nby, box, nbx, box).transpose(0, 2, 1, 3)
-                 .reshape(nby * nbx, box * box))
-        # nanmedian goes cell by cell (slow); cells without NaN take np.median's one vectorised pass
-        full = np.isfinite(cells).all(axis=1)
-        med = np.empty(nby * nbx)
-        med[full] = np.median(cells[full], axis=1)
-        if not full.all():
-            med[~full] = np.nanmedian(cells[~full], axis=1)
-        med = med.reshape(nby, nbx)
+        med = np.empty((nby, nbx))
+        # one row of cells at a time: the cells' copy stays small (the whole CCD's is 128 MB)
+        for jb in range(nby):
+            cells = (img[jb * box:(jb + 1) * box, :nbx * box].reshape(box, nbx, box).transpose(1, 0, 2)
+                     .reshape(nbx, box * box))
+            # nanmedian goes cell by cell (slow); cells without NaN take np.median's one vectorised pass
+            full = np.isfinite(cells).all(axis=1)
+            row = med[jb]
+            if full.all():
+                row[:] = np.median(cells, axis=1)
+            else:
+                row[full] = np.median(cells[full], axis=1)
+                row[~full] = np.nanmedian(cells[~full], axis=1)
         level = np.nanmean(med)
         diff = 0.5 * (out["flat_a"] - out["flat_b"])
         noise = 1.4826 * np.nanmedian(np.abs(diff - np.nanmedian(diff)))
@@ -402,7 +406,7 @@ def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | N
 
 
 def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, ops: tuple, const: bool,
-               leak: float | None = None) -> float:
+               leak: float | None = None, products: list | None = None) -> float:
     """Amplitude of a spot quantity along ``L Q``, from two independent halves of the sensor.
 
     ``v0, Q0`` and ``v1, Q1`` are the spot quantity's and the flat's
@@ -420,21 +424,29 @@ def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, o
     of one sinusoid differ only by ``-1/k^2``), so fitting both leaves the
     area amplitude undetermined; the QE fraction measured from the flux
     fixes the second.
+
+    ``products``, when given, holds the operators already applied to the two
+    halves' flat profiles (NaN as 0): ``products[h][id(m)] = m @ Q_h`` --
+    the bootstrap computes them for all its replicates in one product.
     """
     mats = [m for m in ops if m is not None]
     ok = np.isfinite(v0) & np.isfinite(v1) & np.isfinite(Q0) & np.isfinite(Q1)
     if ok.sum() < 5:
         return float("nan")
+    zs = [np.where(np.isfinite(Q), Q, 0.0) for Q in (Q0, Q1)]
+
+    def apply(m, h):
+        return products[h][id(m)] if products is not None else m @ zs[h]
+
     if leak is not None and len(mats) > 1:
         if not np.isfinite(leak):
             return float("nan")
-        v0 = v0 - leak * (mats[1] @ np.where(np.isfinite(Q0), Q0, 0.0))
-        v1 = v1 - leak * (mats[1] @ np.where(np.isfinite(Q1), Q1, 0.0))
+        v0 = v0 - leak * apply(mats[1], 0)
+        v1 = v1 - leak * apply(mats[1], 1)
         mats = mats[:1]
     X = []
-    for Q in (Q0, Q1):
-        z = np.where(np.isfinite(Q), Q, 0.0)
-        cols = [m @ z for m in mats] + ([np.ones(z.size)] if const else [])
+    for h, z in enumerate(zs):
+        cols = [apply(m, h) for m in mats] + ([np.ones(z.size)] if const else [])
         X.append(np.stack(cols, axis=1)[ok])
     G = 0.5 * (X[0].T @ X[1] + X[1].T @ X[0])
     rhs = 0.5 * (X[0].T @ v1[ok] + X[1].T @ v0[ok])
@@ -481,6 +493,7 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     nb = edges.size - 1
     ops = _operators(nb, width, kind, sigma2, hp_bins)
+    op_mats = {id(m): m for q in QUANTITIES if q in ops for m in ops[q] if m is not None}
     groups = [half == 0, half == 1]
 
     def hp_rows(P):
@@ -507,7 +520,7 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
             parts.append({q: hp(p) for q, p in pg.items()})
         return {q: hp(p) for q, p in allp.items()}, parts, n
 
-    def amplitudes(parts):
+    def amplitudes(parts, products=None):
         if "flat" not in parts[0]:
             return {}, float("nan")
         amps = {}
@@ -515,7 +528,7 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
             if q in parts[0]:
                 amps[q] = _amplitude(parts[0][q], parts[1][q], parts[0]["flat"], parts[1]["flat"], ops[q],
                                      const=(q == "radial_shift"), leak=None if q == "flux" else
-                                     amps.get("flux", 0.0))
+                                     amps.get("flux", 0.0), products=products)
         a, b = parts[0]["flat"], parts[1]["flat"]
         ok = np.isfinite(a) & np.isfinite(b)
         return amps, float(np.sum(a[ok] * b[ok]))
@@ -552,10 +565,19 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
                 with np.errstate(invalid="ignore", divide="ignore"):
                     rg[q] = hp_rows(np.where(nn > 0, sm / nn, np.nan).T)
             rows.append(rg)
+        # the amplitude operators applied to every replicate's flat profiles at once (one matrix
+        # product per operator and half, not one matrix-vector product per replicate)
+        pre = None
+        if all("flat" in r for r in rows[1:]):
+            pre = []
+            for r in rows[1:]:
+                Z = np.where(np.isfinite(r["flat"]), r["flat"], 0.0).T  # (bin, replicate)
+                pre.append({k: np.asarray(m @ Z).T for k, m in op_mats.items()})
         for j in range(cf.shape[1]):
             for q in prof:
                 boot[q][b0 + j] = rows[0][q][j]
-            ab, pw = amplitudes([{q: r[q][j] for q in r} for r in rows[1:]])
+            ab, pw = amplitudes([{q: r[q][j] for q in r} for r in rows[1:]],
+                                None if pre is None else [{k: v[j] for k, v in p.items()} for p in pre])
             for q, a in ab.items():
                 amps_boot[q].append(a)
             pow_boot.append(pw)
