@@ -20,8 +20,9 @@ comparison (DESIGN.md section 2, "shared geometry is not shared response"):
     amplifier row is one group, and the row-to-row offset -- shared with the
     mid-line -- is not used). The ~16 pairs ``(G_t, G_q)`` are then a small-N
     comparison with small-N errors: Fisher-z interval of r, Student-t
-    p-value, ordinary least-squares slope with a Student-t interval, degrees
-    of freedom counted after the group means are removed. A permutation of
+    p-value, least-squares slope with a Student-t interval whose error
+    allows for the levels' correlated estimation noise (:func:`_level_residual_cov`),
+    degrees of freedom counted after the group means are removed. A permutation of
     the levels within groups (amplifiers of the same read-out row) gives a
     second p-value (``p_value_perm``).
 ``within``
@@ -33,8 +34,10 @@ comparison (DESIGN.md section 2, "shared geometry is not shared response"):
     freedom for the interval and the p-value.
 ``all``
     Every point, ``t`` against ``q`` as they are. Its variance under an
-    unrelated flat is set by the amplifier steps, so its errors are a block
-    jackknife over amplifiers (Student-t, ``G - 1`` degrees of freedom).
+    unrelated flat is set by the amplifier steps, so its errors are built
+    from a step part (the amplifier levels) and a within part (block
+    jackknife over patches), Student-t with the levels' degrees of freedom
+    (:func:`_all_composite`).
 
 Every slope is corrected for the flat's own noise (errors in variables,
 :mod:`spotflat.eiv`): ``slope = slope_raw / reliability``.
