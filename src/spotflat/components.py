@@ -20,8 +20,9 @@ comparison (DESIGN.md section 2, "shared geometry is not shared response"):
     amplifier row is one group, and the row-to-row offset -- shared with the
     mid-line -- is not used). The ~16 pairs ``(G_t, G_q)`` are then a small-N
     comparison with small-N errors: Fisher-z interval of r, Student-t
-    p-value, ordinary least-squares slope with a Student-t interval, degrees
-    of freedom counted after the group means are removed. A permutation of
+    p-value, least-squares slope with a Student-t interval whose error
+    allows for the levels' correlated estimation noise (:func:`_level_residual_cov`),
+    degrees of freedom counted after the group means are removed. A permutation of
     the levels within groups (amplifiers of the same read-out row) gives a
     second p-value (``p_value_perm``).
 ``within``
@@ -33,8 +34,10 @@ comparison (DESIGN.md section 2, "shared geometry is not shared response"):
     freedom for the interval and the p-value.
 ``all``
     Every point, ``t`` against ``q`` as they are. Its variance under an
-    unrelated flat is set by the amplifier steps, so its errors are a block
-    jackknife over amplifiers (Student-t, ``G - 1`` degrees of freedom).
+    unrelated flat is set by the amplifier steps, so its errors are built
+    from a step part (the amplifier levels) and a within part (block
+    jackknife over patches), Student-t with the levels' degrees of freedom
+    (:func:`_all_composite`).
 
 Every slope is corrected for the flat's own noise (errors in variables,
 :mod:`spotflat.eiv`): ``slope = slope_raw / reliability``.
@@ -273,6 +276,8 @@ class Decomposition:
     use: np.ndarray
     amp_dot_b: np.ndarray | None = None
     amp_proj_b: float = float("nan")
+    level_cov: np.ndarray | None = None
+    nparam: int = 0
 
 
 def _poly_terms(u: np.ndarray, v: np.ndarray, degree: int) -> list[np.ndarray]:
@@ -408,12 +413,69 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
             lvar[m] = np.diag(pinv)[:namp][m]
     dot_b = X[:, :namp].T @ Y[:, 1] if levels else None
     proj_b = float(dot_b @ pinv[:namp, :namp] @ dot_b) if levels else float("nan")
+    nparam = int(n.size + np.unique(j).size + X.shape[1])
     return Decomposition(levels_a=la, levels_b=lb, group=group, level_var=lvar, wa=wa, wb=wb, use=use,
-                         amp_dot_b=dot_b, amp_proj_b=proj_b)
+                         amp_dot_b=dot_b, amp_proj_b=proj_b,
+                         level_cov=pinv[:namp, :namp].copy() if levels else None, nparam=nparam)
 
 
 # --------------------------------------------------------------------------
 # the three components
+
+def _level_residual_cov(dec: Decomposition, ok: np.ndarray, grp: np.ndarray, la: np.ndarray, lb: np.ndarray,
+                        slope_raw: float, resid: np.ndarray, dof: int) -> tuple[float, float, float, np.ndarray]:
+    """How the levels' residuals about their regression scatter: gains, and estimation noise.
+
+    The levels are estimated jointly, tied together only by the spots whose dithers cross a seam,
+    so their estimation errors are strongly correlated (covariance ``sigma2 V``, ``V`` the levels'
+    block of ``(X'X)^+`` with each group's mean removed), while a flat of another CCD differs by
+    gains independent per amplifier (``s2 I``). ``s2`` and a scale ``c >= 1`` of the point noise
+    ``sigma2`` (measured on the within-amplifier residuals) are fitted to the residuals
+    (:func:`_level_scatter_ml`). Returns ``s2``, ``c sigma2``, ``sigma2`` and ``V``.
+    """
+    n = la.size
+    idx = np.flatnonzero(ok)
+    Mg = np.eye(n) - (grp[:, None] == grp[None, :]) / np.bincount(grp)[grp][None, :]
+    V = Mg @ dec.level_cov[np.ix_(idx, idx)] @ Mg.T
+    w = np.isfinite(dec.wa) & np.isfinite(dec.wb)
+    e = dec.wa[w] - slope_raw * dec.wb[w]
+    sigma2 = float(e @ e) / max(int(w.sum()) - dec.nparam, 1)
+    IH = np.eye(n) - np.outer(lb, lb) / float(lb @ lb)
+    s2, c = _level_scatter_ml(resid, IH @ Mg, IH @ V @ IH, sigma2, dof)
+    return s2, c * sigma2, sigma2, V
+
+
+def _level_scatter_ml(resid: np.ndarray, P: np.ndarray, VP: np.ndarray, sigma2: float,
+                      dof: int) -> tuple[float, float]:
+    """Gain scatter ``s2`` and noise scale ``c`` of level residuals with covariance ``s2 P + c sigma2 VP``.
+
+    ``P`` projects on the residual space (group means and the slope removed), ``VP`` is the levels'
+    estimation covariance per unit point noise seen there. Restricted maximum likelihood on the
+    ``dof`` residual directions, with ``c >= 1`` (the levels are at least as noisy as white point
+    noise makes them; near the seams, where they are measured, the noise is somewhat larger).
+    The two terms are told apart by their shapes: ``VP`` is dominated by a few smooth modes
+    along each chain of amplifiers, ``P`` is flat.
+    """
+    from scipy.optimize import minimize
+
+    w, U = np.linalg.eigh((P + P.T) / 2)
+    Q = U[:, w > 0.5][:, -dof:] if dof > 0 else U[:, :0]
+    z = Q.T @ resid
+    A = Q.T @ VP @ Q * sigma2
+    scale = max(float(z @ z) / max(dof, 1), 1e-300)
+
+    def nll(p):
+        S = np.exp(p[0]) * scale * np.eye(Q.shape[1]) + (1.0 + np.exp(p[1])) * A
+        _, logdet = np.linalg.slogdet(S)
+        return 0.5 * (logdet + z @ np.linalg.solve(S, z))
+
+    best = None
+    for p0 in ((np.log(1e-3), np.log(0.1)), (0.0, np.log(0.1)), (np.log(1e-6), 0.0)):
+        r = minimize(nll, np.array(p0), method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-6})
+        if best is None or r.fun < best.fun:
+            best = r
+    return float(np.exp(best.x[0]) * scale), float(1.0 + np.exp(best.x[1]))
+
 
 def _amp_component(dec: Decomposition, noise_per_point: float | None, nperm: int,
                    rng: np.random.Generator, confidence: float, npoint: int, nspot: int) -> ComponentResult:
@@ -429,10 +491,19 @@ def _amp_component(dec: Decomposition, noise_per_point: float | None, nperm: int
     r = sab / np.sqrt(saa * sbb) if saa > 0 and sbb > 0 else nan
     slope_raw = sab / sbb if sbb > 0 else nan
     resid = la - slope_raw * lb
-    slope_err_raw = float(np.sqrt(resid @ resid / dof / sbb)) if sbb > 0 else nan
+    slope_err_raw, s2, s2_noise, trace_v = nan, nan, nan, nan
+    if sbb > 0:
+        # sandwich error of the least-squares slope under the residuals' covariance s2 I + c sigma2 V:
+        # ordinary least squares (independent residuals) gave 0.71x the spread for a matching flat,
+        # whose residuals are the levels' correlated estimation noise
+        s2, s2_noise, _, V = _level_residual_cov(dec, ok, grp, la, lb, slope_raw, resid, dof)
+        slope_err_raw = float(np.sqrt(s2 * sbb + s2_noise * float(lb @ V @ lb)) / sbb)
+        trace_v = float(np.trace(V))
     lam = 1.0
     if noise_per_point is not None and np.isfinite(noise_per_point) and sbb > 0:
-        lam = 1.0 - noise_per_point * float(np.nansum(dec.level_var[ok])) / sbb
+        # the flat's noise in the (group-demeaned) levels: trace of their covariance per unit point noise
+        # (the raw diagonal of (X'X)^+ carries the near-degenerate group-constant direction, ~100x more)
+        lam = 1.0 - noise_per_point * trace_v / sbb
         lam = lam if lam > 0.05 else nan
     slope, slope_err = slope_raw / lam, slope_err_raw / lam
     slope_low, slope_high = _t_interval(slope, slope_err, dof, confidence)
@@ -456,7 +527,8 @@ def _amp_component(dec: Decomposition, noise_per_point: float | None, nperm: int
     return ComponentResult("amp", float(r), r_err, r_low, r_high, p, float(slope), float(slope_err),
                            slope_low, slope_high, float(slope_raw), float(lam), dof, n, nspot, npoint,
                            f"{n} amplifier levels in {ngroup} read-out rows: Fisher z, Student t ({dof} dof)",
-                           {"p_value_perm": p_perm, "_resid_var": float(resid @ resid / dof)})
+                           {"p_value_perm": p_perm, "_resid_var": float(resid @ resid / dof),
+                            "_level_scatter": s2, "_level_noise": s2_noise})
 
 
 def _method_extras(res) -> dict:
@@ -521,27 +593,38 @@ def _from_block(component: str, res, lam: float, confidence: float, how: str,
 
 def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw, lam: float,
                    corrected: tuple[float, float] | None, noise_all: float | None, saa: float, sbb: float,
-                   confidence: float) -> ComponentResult:
+                   confidence: float, patch: np.ndarray, noise_k: np.ndarray | None = None) -> ComponentResult:
     """The ``all`` row with errors from its two parts: amplifier steps and within-amplifier structure.
 
     ``sum(da db)`` over all points is (nearly) the spots' step part
-    ``sum_a G_a (X_a' db)`` plus the within part ``sum(w_a db)``. Given the
-    flat, the step part varies as ``s**2 |X' db|**2`` (``X`` the
-    spot-demeaned amplifier columns, ``s**2`` the scatter of the spots'
-    levels about their regression on the flat's); amplifier levels are few:
-    Student t with the amp row's degrees of freedom. The within part's
-    variance is its block jackknife's. ``saa``, ``sbb``: centred sums of
-    squares of the row's ``a`` and ``b``.
+    ``sum_a G_a (X_a' db)`` plus the within part ``sum(w_a db)`` (``X`` the
+    spot-demeaned amplifier columns, ``w`` the residuals of the fit).
+
+    For ``r`` (whose error matters under an unrelated flat) the step part
+    varies as ``s**2 |X' db|**2`` with ``s**2`` the scatter of the spots'
+    levels about their regression on the flat's, and the within part as the
+    covariance ``sum(w_a w_b)`` does (its block-jackknife ``r`` error).
+
+    For the slope only what varies *given the flat* counts: the residual
+    ``a - slope b``. Its step part is ``s2 |X' b|**2 + c sigma2 (X'b)' (X'X)^+ (X'b)``
+    (gain scatter independent per amplifier, and the levels' correlated
+    estimation noise; :func:`_level_residual_cov`), its within part a block
+    jackknife over ``patch`` of the spots' ``sum((w_a - slope w_b) w_b) + slope n_k``
+    (``n_k`` the flat's expected noise, so that the errors-in-variables
+    correction's own scatter is in it). The variance of the covariance that
+    ``r`` uses overstated the slope's error of a matching flat 3.3-fold.
+    Student t with the amp row's degrees of freedom. ``saa``, ``sbb``:
+    centred sums of squares of the row's ``a`` and ``b``.
     """
+    from .resampling import jackknife_se
+
     ok = np.isfinite(dec.levels_a) & (dec.group >= 0)
     s2 = amp_row.extra.get("_resid_var", np.nan)
     w = np.isfinite(dec.wa) & np.isfinite(dec.wb)
     aw, bw = float(np.sum(dec.wa[w] ** 2)), float(np.sum(dec.wb[w] ** 2))
-    # given b, the spots' levels enter sum(da db) through X' b: steps, illumination and all of b.
-    # (Splitting s2 into the levels' estimation noise, sigma2 (X'b)'(X'X)^+(X'b), and gain scatter
-    # cut the matching flat's error/spread from 3.4 to 2.7 in the simulator but made it too small
-    # on tests/test_components.py's generator: not used until understood.)
-    var_step = s2 * float(np.sum(np.where(ok, dec.amp_dot_b, 0.0) ** 2))
+    xb2 = float(np.sum(np.where(ok, dec.amp_dot_b, 0.0) ** 2))
+    # r: given b, the spots' levels enter sum(da db) through X' b: steps, illumination and all of b
+    var_step = s2 * xb2
     var_w = float(within_raw.r_err_block) ** 2 * aw * bw  # the within part, over all its points
     sd_cov = np.sqrt(var_step + var_w)
     dof = max(int(amp_row.ndof), 1)
@@ -553,7 +636,18 @@ def _all_composite(res, dec: Decomposition, amp_row: ComponentResult, within_raw
     else:
         slope = res.slope / lam if np.isfinite(lam) else float("nan")
         den = sbb * (lam if np.isfinite(lam) else float("nan"))
-    slope_err = float(sd_cov / den) if den > 0 else float("nan")
+    # slope: the residual about the slope, given the flat
+    var_step_s = amp_row.extra.get("_level_scatter", np.nan) * xb2 \
+        + amp_row.extra.get("_level_noise", np.nan) * dec.amp_proj_b
+    beta = slope if np.isfinite(slope) else 0.0
+    uk = np.where(w, (dec.wa - beta * dec.wb) * dec.wb, 0.0).sum(axis=1)
+    if noise_k is not None:
+        uk = uk + beta * np.asarray(noise_k, dtype=float)
+    lab = np.unique(np.asarray(patch), return_inverse=True)[1].ravel()
+    ug = np.bincount(lab, weights=uk)
+    var_w_s = jackknife_se(ug.sum() - ug) ** 2
+    sd_slope = np.sqrt(var_step_s + var_w_s)
+    slope_err = float(sd_slope / den) if den > 0 else float("nan")
     slope_low, slope_high = _t_interval(slope, slope_err, dof, confidence)
     extra = _method_extras(res)
     extra["slope_err_jackknife_corrected"] = corrected[1] if corrected is not None else float("nan")
@@ -665,12 +759,18 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         # all points, with only the smooth CCOB illumination (no spot sees it) and the spot means removed
         smooth = decompose(a, b, amp, x, y, valid, shape, len(names), levels=False)
         a_all, b_all, valid_all = smooth.wa, smooth.wb, smooth.use
+        # the all row has the mid-line steps too: its step part comes from a fit across the mid-line
+        keep_all = boundary_keep(detector, x, y, margins[0], 0.0, margins[2])
+        dec_all = decompose(a, b, amp, x, y, keep_all & valid, shape, len(names), detector=detector,
+                            sigma=footprint_sigma, radius=footprint_radius)
     noise = {}
     if electrons is not None and (footprint_sigma is not None or footprint_radius is not None):
         masks = {"all": valid_all} if "all" in components else {}
         if "amp" in components:
             masks["dec"] = dec.use
         masks["within"] = wuse
+        if "all" in components:
+            masks["dec_all"] = dec_all.use
         per_spot = eiv.demeaned_noise(x, y, list(masks.values()), footprint_sigma, footprint_radius,
                                       electrons, per_spot=True)
         noise = dict(zip(masks, per_spot))
@@ -684,7 +784,8 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
         per_point = None if ns is None else ns / max(int(dec.use.sum()), 1)
         done["amp"] = _amp_component(dec, per_point, nnull, np.random.default_rng(seeds["amp"]), confidence,
                                      int(dec.use.sum()), int(dec.use.any(axis=1).sum()))
-        done["amp"].extra.pop("_resid_var", None)
+        for key in ("_resid_var", "_level_scatter", "_level_noise"):
+            done["amp"].extra.pop(key, None)
         if progress is not None:
             progress(1)
     # within before all: the all row's errors are built from it (and from an amplifier fit of its own)
@@ -719,13 +820,10 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
             corr = _corrected_slope_jackknife(a_all, b_all,
                                               np.unique(np.asarray(spot_amp), return_inverse=True)[1],
                                               noise["all"])
-        # the all row has the mid-line steps too: its step part comes from a fit across the mid-line
-        keep_all = boundary_keep(detector, x, y, margins[0], 0.0, margins[2])
-        dec_all = decompose(a, b, amp, x, y, keep_all & valid, shape, len(names), detector=detector,
-                            sigma=footprint_sigma, radius=footprint_radius)
         amp_all = _amp_component(dec_all, None, 0, None, confidence, 0, 0)
         done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, saa, sbb,
-                                     confidence)
+                                     confidence, patch_labels(*grid_layout(a.shape[0], grid_shape)[:2], patch_size),
+                                     noise.get("dec_all"))
         raw["all"] = res
         if progress is not None:
             progress(1)
