@@ -367,22 +367,6 @@ def _highpass_rows(P: np.ndarray, width: int) -> np.ndarray:
     return np.where(fin, P - trend, np.nan)
 
 
-def _highpass(p: np.ndarray, width: int) -> np.ndarray:
-    """``p`` minus its local quadratic trend (NaN bins stay NaN)."""
-    return _highpass_rows(p, width)[0]
-
-
-def _highpass_matrix(nb: int, width: int | None) -> np.ndarray:
-    """The (linear) high-pass of :func:`_highpass` as a matrix (identity for ``width=None``)."""
-    eye = np.eye(nb)
-    if width is None:
-        return eye
-    S = _smoother(nb, width)
-    if S is None:
-        return eye - 1.0 / nb
-    return eye - S.toarray()
-
-
 def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | None) -> dict:
     """Linear maps from the flat's (high-passed) profile to each quantity's (area, QE-leakage) templates.
 
@@ -391,7 +375,6 @@ def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | N
     """
     from scipy.sparse import csr_matrix, identity
 
-    H = _highpass_matrix(nb, hp_bins if kind == "radial" else None)
     if kind == "radial":
         T = -np.tril(np.ones((nb, nb))) * width
         S = _smoother(nb, hp_bins) if hp_bins is not None else None
@@ -402,7 +385,7 @@ def _operators(nb: int, width: float, kind: str, sigma2: float, hp_bins: int | N
     D1 = csr_matrix(np.gradient(np.eye(nb), width, axis=0))
     D2 = D1 @ D1
     eye = identity(nb, format="csr")
-    return {"flux": (eye, None), "radial_shift": (integ, sigma2 * D1), "size": (-eye, 0.5 * sigma2 * D2), "H": H}
+    return {"flux": (eye, None), "radial_shift": (integ, sigma2 * D1), "size": (-eye, 0.5 * sigma2 * D2)}
 
 
 def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, ops: tuple, const: bool,
@@ -457,28 +440,16 @@ def _amplitude(v0: np.ndarray, v1: np.ndarray, Q0: np.ndarray, Q1: np.ndarray, o
     return float(sol[0])
 
 
-def _profiles_from_points(coord, values: dict, spot: np.ndarray, edges: np.ndarray, counts: np.ndarray | None,
-                          _cache: dict | None = None):
-    """Bin means of each quantity; ``counts`` weights spots (bootstrap). ``_cache`` keeps the binning."""
+def _profiles_from_points(coord, values: dict, edges: np.ndarray):
+    """Bin means of each quantity over all its points, and the point count per bin (of the first)."""
     nb = edges.size - 1
-    if _cache is not None and "idx" in _cache:
-        idx, sel = _cache["idx"], _cache["sel"]
-    else:
-        idx = np.searchsorted(edges, coord, side="right") - 1
-        inb = (idx >= 0) & (idx < nb)
-        sel = {q: np.flatnonzero(inb & np.isfinite(v)) for q, v in values.items()}
-        if _cache is not None:
-            _cache.update(idx=idx, sel=sel, vals={q: values[q][sel[q]] for q in values},
-                          spot={q: spot[sel[q]] for q in values}, bins={q: idx[sel[q]] for q in values})
+    idx = np.searchsorted(edges, coord, side="right") - 1
+    inb = (idx >= 0) & (idx < nb)
     out, nout = {}, None
-    for q in values:
-        if _cache is not None:
-            b, v, sk = _cache["bins"][q], _cache["vals"][q], _cache["spot"][q]
-        else:
-            b, v, sk = idx[sel[q]], values[q][sel[q]], spot[sel[q]]
-        w = None if counts is None else counts[sk].astype(float)
-        n = np.bincount(b, weights=w, minlength=nb)
-        sm = np.bincount(b, weights=v if w is None else w * v, minlength=nb)
+    for q, v in values.items():
+        sel = np.flatnonzero(inb & np.isfinite(v))
+        n = np.bincount(idx[sel], minlength=nb)
+        sm = np.bincount(idx[sel], weights=v[sel], minlength=nb)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[q] = np.where(n > 0, sm / n, np.nan)
         if nout is None:
@@ -509,17 +480,6 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
     def hp(p):
         return hp_rows(p[None, :])[0]
 
-    caches = [{}, {}, {}]
-    subsets = [(coord[g], {q: v[g] for q, v in vals.items()}, spot[g]) for g in groups]
-
-    def profiles(counts):
-        allp, n = _profiles_from_points(coord, vals, spot, edges, counts, caches[0])
-        parts = []
-        for (cg, vg, sg), cache in zip(subsets, caches[1:]):
-            pg, _ = _profiles_from_points(cg, vg, sg, edges, counts, cache)
-            parts.append({q: hp(p) for q, p in pg.items()})
-        return {q: hp(p) for q, p in allp.items()}, parts, n
-
     def amplitudes(parts, products=None):
         if "flat" not in parts[0]:
             return {}, float("nan")
@@ -533,7 +493,10 @@ def _build(kind, coord, vals, spot, nspot, edges, nboot, seed, hp_bins, sigma2, 
         ok = np.isfinite(a) & np.isfinite(b)
         return amps, float(np.sum(a[ok] * b[ok]))
 
-    prof, parts, n = profiles(None)
+    allp, n = _profiles_from_points(coord, vals, edges)
+    prof = {q: hp(p) for q, p in allp.items()}
+    parts = [{q: hp(p) for q, p in _profiles_from_points(coord[g], {q: v[g] for q, v in vals.items()},
+                                                         edges)[0].items()} for g in groups]
     amp0, pow0 = amplitudes(parts)
     counts = bootstrap_counts(nspot, int(nboot), rng) if nboot > 0 else np.zeros((0, nspot))
     boot = {q: np.empty((counts.shape[0], nb)) for q in prof}
