@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import special
 
-
 from .errors import InputError
 
 __all__ = ["ComponentResult", "Decomposition", "boundary_keep", "decompose", "analyse_components",
@@ -251,9 +250,10 @@ class Decomposition:
         the mean of each connected group removed.
     group : numpy.ndarray of int
         Connected group of each amplifier (-1: not determined).
-    level_var : numpy.ndarray
-        Diagonal of ``(X'X)^+`` for the levels (multiply by a per-point noise
-        variance to get the levels' variance).
+    level_cov : numpy.ndarray or None
+        The levels' block of ``(X'X)^+`` (multiply by a per-point noise
+        variance for their covariance; remove each group's mean before use:
+        the raw block carries the near-degenerate group-constant direction).
     wa, wb : numpy.ndarray
         ``[spot, exposure]`` residuals (NaN where not used).
     use : numpy.ndarray of bool
@@ -265,12 +265,14 @@ class Decomposition:
         ``(X' b)' (X'X)^+ (X' b)`` over the amplifier columns: the variance,
         per unit per-point noise variance of ``a``, of the part of
         ``sum(a b)`` that point noise contributes through the fitted levels.
+    nparam : int
+        Parameters of the fit (spot and exposure means, levels, surface):
+        the residuals' degrees of freedom are the points used minus these.
     """
 
     levels_a: np.ndarray
     levels_b: np.ndarray
     group: np.ndarray
-    level_var: np.ndarray
     wa: np.ndarray
     wb: np.ndarray
     use: np.ndarray
@@ -402,7 +404,6 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
     wa[k, j], wb[k, j] = W[:, 0], W[:, 1]
     la = np.full(namp, np.nan)
     lb = np.full(namp, np.nan)
-    lvar = np.full(namp, np.nan)
     group = np.full(namp, -1)
     if levels:
         group = _groups(k, ai, namp)
@@ -410,11 +411,10 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
             m = group == g
             la[m] = beta[:namp, 0][m] - beta[:namp, 0][m].mean()
             lb[m] = beta[:namp, 1][m] - beta[:namp, 1][m].mean()
-            lvar[m] = np.diag(pinv)[:namp][m]
     dot_b = X[:, :namp].T @ Y[:, 1] if levels else None
     proj_b = float(dot_b @ pinv[:namp, :namp] @ dot_b) if levels else float("nan")
     nparam = int(n.size + np.unique(j).size + X.shape[1])
-    return Decomposition(levels_a=la, levels_b=lb, group=group, level_var=lvar, wa=wa, wb=wb, use=use,
+    return Decomposition(levels_a=la, levels_b=lb, group=group, wa=wa, wb=wb, use=use,
                          amp_dot_b=dot_b, amp_proj_b=proj_b,
                          level_cov=pinv[:namp, :namp].copy() if levels else None, nparam=nparam)
 
@@ -423,7 +423,7 @@ def decompose(a: np.ndarray, b: np.ndarray, amp: np.ndarray, x: np.ndarray, y: n
 # the three components
 
 def _level_residual_cov(dec: Decomposition, ok: np.ndarray, grp: np.ndarray, la: np.ndarray, lb: np.ndarray,
-                        slope_raw: float, resid: np.ndarray, dof: int) -> tuple[float, float, float, np.ndarray]:
+                        slope_raw: float, resid: np.ndarray, dof: int) -> tuple[float, float, np.ndarray]:
     """How the levels' residuals about their regression scatter: gains, and estimation noise.
 
     The levels are estimated jointly, tied together only by the spots whose dithers cross a seam,
@@ -431,7 +431,7 @@ def _level_residual_cov(dec: Decomposition, ok: np.ndarray, grp: np.ndarray, la:
     block of ``(X'X)^+`` with each group's mean removed), while a flat of another CCD differs by
     gains independent per amplifier (``s2 I``). ``s2`` and a scale ``c >= 1`` of the point noise
     ``sigma2`` (measured on the within-amplifier residuals) are fitted to the residuals
-    (:func:`_level_scatter_ml`). Returns ``s2``, ``c sigma2``, ``sigma2`` and ``V``.
+    (:func:`_level_scatter_ml`). Returns ``s2``, ``c sigma2`` and ``V``.
     """
     n = la.size
     idx = np.flatnonzero(ok)
@@ -442,7 +442,7 @@ def _level_residual_cov(dec: Decomposition, ok: np.ndarray, grp: np.ndarray, la:
     sigma2 = float(e @ e) / max(int(w.sum()) - dec.nparam, 1)
     IH = np.eye(n) - np.outer(lb, lb) / float(lb @ lb)
     s2, c = _level_scatter_ml(resid, IH @ Mg, IH @ V @ IH, sigma2, dof)
-    return s2, c * sigma2, sigma2, V
+    return s2, c * sigma2, V
 
 
 def _level_scatter_ml(resid: np.ndarray, P: np.ndarray, VP: np.ndarray, sigma2: float,
@@ -496,7 +496,7 @@ def _amp_component(dec: Decomposition, noise_per_point: float | None, nperm: int
         # sandwich error of the least-squares slope under the residuals' covariance s2 I + c sigma2 V:
         # ordinary least squares (independent residuals) gave 0.71x the spread for a matching flat,
         # whose residuals are the levels' correlated estimation noise
-        s2, s2_noise, _, V = _level_residual_cov(dec, ok, grp, la, lb, slope_raw, resid, dof)
+        s2, s2_noise, V = _level_residual_cov(dec, ok, grp, la, lb, slope_raw, resid, dof)
         slope_err_raw = float(np.sqrt(s2 * sbb + s2_noise * float(lb @ V @ lb)) / sbb)
         trace_v = float(np.trace(V))
     lam = 1.0
@@ -792,11 +792,11 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
     res = correlation_analysis(wa, wb, grid_shape=grid_shape, block="patch", patch_size=patch_size,
                                nboot=nboot, nnull=nnull, seed=np.random.default_rng(seeds["within"]),
                                method=method, confidence=confidence)
+    patch = patch_labels(*grid_layout(a.shape[0], grid_shape)[:2], patch_size)
     lam, corr, ns_w = 1.0, None, noise_sum("within")
     if ns_w is not None:
         lam = eiv.reliability(ns_w, float(np.nansum(wb ** 2)))
-        cols_, rows_, _ = grid_layout(a.shape[0], grid_shape)
-        corr = _corrected_slope_jackknife(wa, wb, patch_labels(cols_, rows_, patch_size), noise["within"])
+        corr = _corrected_slope_jackknife(wa, wb, patch, noise["within"])
     done["within"] = _from_block("within", res, lam, confidence, "seams, illumination and spot means removed",
                                  corr)
     raw["within"] = res
@@ -822,7 +822,7 @@ def analyse_components(a: np.ndarray, b: np.ndarray, *, detector: str, x: np.nda
                                               noise["all"])
         amp_all = _amp_component(dec_all, None, 0, None, confidence, 0, 0)
         done["all"] = _all_composite(res, dec_all, amp_all, raw["within"], lam, corr, ns_all, saa, sbb,
-                                     confidence, patch_labels(*grid_layout(a.shape[0], grid_shape)[:2], patch_size),
+                                     confidence, patch,
                                      noise.get("dec_all"))
         raw["all"] = res
         if progress is not None:
