@@ -285,11 +285,10 @@ def _grid_centres(grids: SpotGrids) -> tuple[np.ndarray, np.ndarray]:
 QC_MODEL_ITER = 10
 
 
-def _cell_model(nb, level: int, logt: np.ndarray, used: np.ndarray):
-    """``(r, a, count)``: ``log t[k, j] ~ r[cell] - a[k]`` over the points in use."""
+def _cell_model(cid: np.ndarray, ncell: int, logt: np.ndarray, used: np.ndarray):
+    """``(r, a, count)``: ``log t[k, j] ~ r[cell] - a[k]`` over the points in use (cells ``cid``)."""
     from .calibration import cell_means
 
-    cid, ncell = nb.cells(level)
     good = used & np.isfinite(logt) & (cid >= 0)
     gk, gj = np.nonzero(good)
     return cell_means(gk, cid[gk, gj], logt[gk, gj], logt.shape[0], ncell, QC_MODEL_ITER)
@@ -309,8 +308,8 @@ def _local_residual(grids: SpotGrids, logt: np.ndarray, used, segment) -> np.nda
     for level in range(nb.LEVELS):
         if level and np.count_nonzero(todo) < 0.01 * todo.size:
             break  # the few points left are judged against their exposure's median
-        cid, _ = nb.cells(level)
-        r, a, nc = _cell_model(nb, level, logt, used)
+        cid, ncell = nb.cells(level)
+        r, a, nc = _cell_model(cid, ncell, logt, used)
         enough = todo & (nc[np.maximum(cid, 0)] >= nb.MIN_POINTS) & (cid >= 0)
         expected[enough] = (r[cid] - a[:, None])[enough]
         todo &= ~enough
@@ -335,8 +334,6 @@ def _local_metrics(grids: SpotGrids, logt: np.ndarray, used, sigma: float, exclu
     with np.errstate(invalid="ignore", divide="ignore"):
         rejected = (np.count_nonzero(out, axis=0) + nflag) / (nfin + nflag)
     return scatter, (q90 - q10) / 2.563, rejected
-
-
 
 
 def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
@@ -460,6 +457,20 @@ def _score(metrics, pool: np.ndarray, opt: QCOptions) -> tuple[np.ndarray, np.nd
     return score, why
 
 
+def _spot_centre(a: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Each spot's centre of ``a`` over its dithers where ``good``: the median, so that one odd
+    exposure does not move the others; the mean (cheaper) in runs longer than :data:`PAIRWISE_MAX`
+    exposures, where one exposure weighs little."""
+    from .calibration import _nanmedian
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if a.shape[1] <= PAIRWISE_MAX:
+            return _nanmedian(np.where(good, a, np.nan), 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(good, a, 0.0).sum(1) / np.count_nonzero(good, axis=1)
+
+
 def _spot_peak(grids: SpotGrids, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(log peak of each spot at s = 1, points with a valid peak)``.
 
@@ -474,19 +485,12 @@ def _spot_peak(grids: SpotGrids, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     point's moments every exposure of a clean simulated run was flagged).
     A point's peak is valid where its flux and its own moments are.
     """
-    from .calibration import _nanmedian
-
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with np.errstate(invalid="ignore", divide="ignore"):
         det = np.where(np.isfinite(grids.xy), grids.xy, 0.0)
         np.multiply(det, det, out=det)
         np.subtract(grids.xx * grids.yy, det, out=det)
         good = det > 0
-        if grids.nexp <= 64:
-            spot_det = _nanmedian(np.where(good, det, np.nan), 1)
-        else:  # the mean: cheaper, and one exposure weighs little in a long run
-            np.copyto(det, 0.0, where=~good)
-            spot_det = det.sum(1) / np.count_nonzero(good, axis=1)
+        spot_det = _spot_centre(det, good)
         del det
         lpk = np.log(F / (2 * np.pi * np.sqrt(spot_det)))
     good &= np.isfinite(grids.flux)
@@ -526,22 +530,11 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: n
     ``lpk`` (matrix-vector products, no [spot, exposure] peak array), and the
     brightest tenth of the spots is the same set of spots in every exposure.
     """
-    from .calibration import _nanmedian
-
     lpk, valid = _spot_peak(grids, F)
     with np.errstate(invalid="ignore", divide="ignore"):
         ls = grids.xx + grids.yy
         np.log(ls, out=ls)
-        fin = np.isfinite(ls)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            # the spot's median over dithers: one odd exposure does not move the
-            # others (the mean, cheaper, for long runs where one exposure weighs little)
-            if grids.nexp <= 64:
-                centre = _nanmedian(np.where(fin, ls, np.nan), 1)
-            else:
-                centre = np.where(fin, ls, 0.0).sum(1) / np.count_nonzero(fin, axis=1)
-        ls -= centre[:, None]  # ls_rel: size relative to the spot's own
+        ls -= _spot_centre(ls, np.isfinite(ls))[:, None]  # ls_rel: size relative to the spot's own
         x = lpk - np.nanmedian(lpk) if np.isfinite(lpk).any() else lpk  # centred: better sums
         lim = 5 * np.maximum(mad, 1e-12)
         dev = np.abs(logt - med[None, :])
@@ -575,8 +568,9 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: n
     # peak moves with s[j] alone); sums over each row by matrix-vector products
     with np.errstate(invalid="ignore", divide="ignore"):
         lsj = np.log(s)
-        lsj = np.where(np.isfinite(lsj), lsj - np.nanmedian(lsj), 0.0) if np.isfinite(lsj).any() else lsj
-        m = valid & np.isfinite(ls) & np.isfinite(np.log(s))[None, :]
+        fin_s = np.isfinite(lsj)
+        lsj = np.where(fin_s, lsj - np.nanmedian(lsj), 0.0) if fin_s.any() else lsj
+        m = valid & np.isfinite(ls) & fin_s[None, :]
         mf = m.astype(np.float64)
         y0 = np.where(m, ls, 0.0)
         n = mf.sum(1)
