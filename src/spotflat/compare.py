@@ -378,15 +378,11 @@ def compare_spots_flat(calib: Calibration, grids: SpotGrids, flat: np.ndarray,
         dqdx[valid], dqdy[valid] = gx, gy
     hess = None
     if hessian:
-        from .derivatives import FlatHessian, flat_hessian
+        from .derivatives import flat_hessian
 
         gsig = footprint.get("sigma")
-        h = flat_hessian(flat, x[valid], y[valid], radius=footprint.get("radius"),
-                         sigma=gsig[valid[ok]] if isinstance(gsig, np.ndarray) else gsig)
-        full = [np.full(t.shape, np.nan) for _ in range(3)]
-        for arr, v in zip(full, (h.dxx, h.dyy, h.dxy)):
-            arr[valid] = v
-        hess = FlatHessian(*full, step=h.step)
+        hess = flat_hessian(flat, x[valid], y[valid], radius=footprint.get("radius"),
+                            sigma=gsig[valid[ok]] if isinstance(gsig, np.ndarray) else gsig).scattered(valid)
     return Comparison(t=t_n, q=q, d=d, x=np.where(valid, x, np.nan), y=np.where(valid, y, np.nan),
                       grids=grids, calib=calib, detector=det, dqdx=dqdx, dqdy=dqdy, meta=meta,
                       footprint_sigma=fp_sigma, footprint_radius=fp_radius, hessian=hess)

@@ -79,6 +79,14 @@ class FlatHessian:
         """The regressor called ``name`` in :data:`REGRESSORS`."""
         return getattr(self, REGRESSORS[name][0])
 
+    def scattered(self, where: np.ndarray) -> "FlatHessian":
+        """These values (one per ``True`` of ``where``, in order) placed in arrays of ``where``'s
+        shape, NaN elsewhere."""
+        full = [np.full(where.shape, np.nan) for _ in range(3)]
+        for arr, v in zip(full, (self.dxx, self.dyy, self.dxy)):
+            arr[where] = v
+        return FlatHessian(*full, step=self.step)
+
 
 def flat_hessian(flat: Any, x: Any, y: Any, sigma: Any = None, radius: Any = None, *,
                  step: float = 1.0, min_weight: float | None = None) -> FlatHessian:

@@ -19,6 +19,7 @@ from astropy.table import Table
 
 from .calibration import Calibration, read_calibration
 from .compare import Comparison, compare_spots_flat, summarize_by_amp, summarize_by_distance
+from .derivatives import REGRESSORS
 from .errors import InputError
 from .fileio import atomic_path, fits_safe, fits_table_safe, make_output_dir, provenance_cards, staged_outputs
 from .grids import SpotGrids, read_grids
@@ -256,7 +257,7 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
                 advance(1)
             parts[quantity] = res_list
             extra = {}
-            if against in _HESSIAN_REGRESSORS:  # the flat's noise in its second derivatives (no EIV fix)
+            if against in REGRESSORS:  # the flat's noise in its second derivatives (no EIV fix)
                 noise_h = noise_h or _noise_hessian(comp, seed)
                 if noise_h is not None:
                     extra["regressor_reliability"] = _reliability(b, noise_h.regressor(against))
@@ -268,12 +269,9 @@ def correlate_quantities(comp: Comparison, quantities=("flux",), nboot: int = 10
     return _rows_table(rows), out, parts
 
 
-_HESSIAN_REGRESSORS = ("lapq", "d2qdx2", "d2qdy2", "d2q_xx-yy", "d2qdxdy")
-
-
 def _noise_hessian(comp: Comparison, seed: int):
     """Second derivatives of the flat's photon noise alone at the valid points (None if unknown)."""
-    from .derivatives import FlatHessian, noise_hessian
+    from .derivatives import noise_hessian
     from .geometry import ccd_shape
 
     if not comp.flat_electrons or comp.hessian is None:
@@ -282,12 +280,8 @@ def _noise_hessian(comp: Comparison, seed: int):
     shape = (tuple(ccd_shape(comp.detector)) if comp.detector
              else (int(np.nanmax(comp.y)) + 8, int(np.nanmax(comp.x)) + 8))
     sig = None if comp.footprint_sigma is None else np.broadcast_to(comp.footprint_sigma[:, None], v.shape)[v]
-    h = noise_hessian(shape, comp.x[v], comp.y[v], comp.flat_electrons, sigma=sig,
-                      radius=comp.footprint_radius, seed=np.random.default_rng([seed, 12]))
-    full = [np.full(v.shape, np.nan) for _ in range(3)]
-    for arr, val in zip(full, (h.dxx, h.dyy, h.dxy)):
-        arr[v] = val
-    return FlatHessian(*full, step=h.step)
+    return noise_hessian(shape, comp.x[v], comp.y[v], comp.flat_electrons, sigma=sig,
+                         radius=comp.footprint_radius, seed=np.random.default_rng([seed, 12])).scattered(v)
 
 
 def _reliability(b: np.ndarray, noise: np.ndarray) -> float:
@@ -386,8 +380,7 @@ def run_correlate(calib: Calibration | str | os.PathLike, flat: np.ndarray | str
     comp = compare_spots_flat(calib, grids, flat, sigma=sigma, radius=radius, weight=weight,
                               detector=calib.detector or None,
                               gradient=any(QUANTITY_PAIRS.get(q) in ("dqdx", "dqdy") for q in quantities),
-                              hessian=any(QUANTITY_PAIRS.get(q) not in ("q", "dqdx", "dqdy", None)
-                                          for q in quantities))
+                              hessian=any(QUANTITY_PAIRS.get(q) in REGRESSORS for q in quantities))
     comp.flat_electrons = electrons
     results, stats, parts = correlate_quantities(comp, quantities, nboot=nboot, nnull=nnull, block=block,
                                                  patch_size=patch_size, seed=seed, method=method,
