@@ -117,8 +117,13 @@ def write_qc_figure(qc, path: str | os.PathLike, detector: str = "", helper: "Fi
     path = Path(path)
     with atomic_path(path) as tmp:
         if helper is None or not helper.draw(qc, tmp, detector):
-            plot_qc(qc, detector).savefig(tmp, dpi=90, format="png")
+            _render(qc, tmp, detector)
     return path
+
+
+def _render(qc, path, detector: str) -> None:
+    """:func:`plot_qc` written as PNG (here or in the :class:`FigureProcess` child: the same bytes)."""
+    plot_qc(qc, detector).savefig(path, dpi=90, format="png")
 
 
 class _Columns(dict):
@@ -229,8 +234,7 @@ def _serve(rfd: int, wfd: int) -> None:
             except EOFError:
                 return
             try:
-                fig = plot_qc(_Columns(cols), detector)
-                fig.savefig(path, dpi=90, format="png")
+                _render(_Columns(cols), path, detector)
                 reply = "ok"
             except Exception as exc:  # noqa: BLE001 -- the parent redraws and reports it
                 reply = f"error: {exc}"

@@ -147,7 +147,7 @@ def _calibrate(spotdata_dir, raw, flux_column, stat, sigma, min_dithers, detecto
         if to_dir and output.is_dir():  # the files this run writes inside: refused now, not after the work
             for det in groups:
                 out = _output_for(output, det, several, to_dir)
-                for f in (out, out.with_name(f"{out.stem}_qc.ecsv"), out.with_name(f"{out.stem}_qc.png")):
+                for f in (out, *_qc_paths(out)):
                     check_output(f, inputs=paths, option="-o")
         if several:
             names = list(groups)
@@ -184,7 +184,7 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
             out = _output_for(output, det, several, to_dir)
             files = list(write_calibration(cal, out, ecsv=ecsv))
             if cal.qc is not None:
-                qpath = out.with_name(f"{out.stem}_qc.ecsv")
+                qpath, png = _qc_paths(out)
                 with atomic_path(qpath) as tmp:
                     t = cal.qc.copy()
                     t.meta = dict(cal.meta)
@@ -193,9 +193,14 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
                 if figure:
                     from ..qcplot import write_qc_figure
 
-                    files.append(write_qc_figure(cal.qc, out.with_name(f"{out.stem}_qc.png"), det, helper=helper))
+                    files.append(write_qc_figure(cal.qc, png, det, helper=helper))
             written_all.append((det, cal, files))
     return written_all
+
+
+def _qc_paths(out: Path) -> tuple[Path, Path]:
+    """The QC table and figure written beside the catalogue ``out``."""
+    return out.with_name(f"{out.stem}_qc.ecsv"), out.with_name(f"{out.stem}_qc.png")
 
 
 def _qc_rows(cal) -> list[tuple[str, str]]:
