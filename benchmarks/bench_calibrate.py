@@ -154,7 +154,11 @@ def _whole(mode: str, directory: Path) -> float:
     else:
         import shutil
 
-        exe = shutil.which("spotflat")  # the console script a user runs (honours PYTHONPATH)
+        # the console script a user runs: the one installed beside this interpreter (a venv's
+        # bin/), as the floor script runs on this interpreter directly -- not a wrapper found
+        # first on PATH (a pyenv shim is a bash script costing ~0.08 s per command here)
+        beside = Path(sys.executable).parent / "spotflat"
+        exe = str(beside) if beside.is_file() else shutil.which("spotflat")
         start = [exe] if exe else [sys.executable, "-c", "from spotflat.cli import main; main()"]
         cmd = start + ["calibrate", str(directory), "-o",
                str(directory.parent / "calib_cli.fits"), "-q"] + (["--no-qc-figure"] if mode == "d'" else [])

@@ -314,16 +314,8 @@ class _Neighbourhoods:
         if level not in self._cells:
             ok = self.ok
             if self._cell is None:
-                self._fine_cells()
-            ix, lx, iy, ly = self._seg
-            cell = self._cell * 2 ** level
-            div = 2 ** level
-            cx = lx // div if div > 1 else lx.copy()
-            cy = ly // div if div > 1 else ly.copy()
-            if self.segment is not None:
-                sx, sy = self.segment
-                cx += ix * int(np.ceil(sx / cell))
-                cy += iy * int(np.ceil(sy / cell))
+                self._size()
+            cx, cy = self._level_xy(self._axes(self.x, self.y, ok), level)
             ny = 1
             if self._any:
                 big = np.iinfo(cx.dtype).max
@@ -339,8 +331,8 @@ class _Neighbourhoods:
             self._cells[level] = (cx, int(cx.max()) + 2)
         return self._cells[level]
 
-    def _fine_cells(self) -> None:
-        """The cell size, and each point's segment index and finest cell inside its segment."""
+    def _size(self) -> None:
+        """The cell size (from the density of the points) and the integer type of cell indices."""
         ok = self.ok
         self._any = bool(ok.any())
         npts = max(int(np.count_nonzero(ok)), 1)
@@ -354,12 +346,16 @@ class _Neighbourhoods:
             reach = max(abs(float(v)) for lim in lims for v in lim)
         self._cell = float(np.clip(np.sqrt(self.PER_CELL * area / npts), 8.0, 64.0))
         # cell indices in int32 (half the memory of int64) unless the positions reach too far
-        itype = np.int32 if (reach + 1.0) / self._cell < 2 ** 29 else np.int64
+        self._itype = np.int32 if (reach + 1.0) / self._cell < 2 ** 29 else np.int64
+
+    def _axes(self, x: np.ndarray, y: np.ndarray, ok: np.ndarray | None = None) -> tuple:
+        """``(ix, lx, iy, ly)``: segment index (None without segments) and finest cell inside it,
+        per axis, of positions ``x``, ``y`` (all of them, or where ``ok``; 0 elsewhere)."""
         sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
         seg = []
-        for a, size in ((self.x, sx), (self.y, sy)):
+        for a, size in ((x, sx), (y, sy)):
             with np.errstate(invalid="ignore"):
-                u = np.where(ok, a, 0.0)
+                u = np.where(ok, a, 0.0) if ok is not None else a + 0.0
                 u += 0.5
                 if np.isfinite(size):
                     i = u / size
@@ -371,9 +367,39 @@ class _Neighbourhoods:
                     i = None
                 np.divide(u, self._cell, out=u)
                 np.floor(u, out=u)
-            seg += [None if i is None else i.astype(itype), u.astype(itype)]
+            seg += [None if i is None else i.astype(self._itype), u.astype(self._itype)]
             del u, i
-        self._seg = tuple(seg)
+        return tuple(seg)
+
+    def _level_xy(self, axes: tuple, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cell column and row at ``level`` (not yet offset to start at 0) from :meth:`_axes`."""
+        ix, lx, iy, ly = axes
+        cell = self._cell * 2 ** level
+        div = 2 ** level
+        cx = lx // div if div > 1 else lx.copy()
+        cy = ly // div if div > 1 else ly.copy()
+        if self.segment is not None:
+            sx, sy = self.segment
+            cx += ix * int(np.ceil(sx / cell))
+            cy += iy * int(np.ceil(sy / cell))
+        return cx, cy
+
+    @staticmethod
+    def _ids(cx: np.ndarray, cy: np.ndarray, lims: tuple[int, int, int, int]) -> np.ndarray:
+        """Cell ids ``(cx - x0) ny + (cy - y0)`` (``cx``, ``cy`` are overwritten); -1 outside
+        ``lims = (x0, y0, nx, ny)``."""
+        x0, y0, nx, ny = lims
+        if nx * ny >= 2 ** 31 - 2 or cx.dtype != np.int32:
+            cx, cy = cx.astype(np.int64), cy.astype(np.int64)
+        cx -= x0
+        cy -= y0
+        out = (cx < 0) | (cx >= nx)
+        out |= cy < 0
+        out |= cy >= ny
+        cx *= ny
+        cx += cy
+        cx[out] = -1
+        return cx
 
     def rescue(self, f, finite, used, invF, invs, scale, sigma) -> None:
         """Put back (in ``used``) the rejected points that agree with their neighbourhood.
@@ -391,13 +417,15 @@ class _Neighbourhoods:
         ks, js = np.nonzero(cand)
         with np.errstate(invalid="ignore", divide="ignore"):
             lt_c = np.log(f[ks, js] * invF[ks] * invs[js])
+        if self._cell is None:
+            self._size()
+        axes = self._axes(self.x[ks, js], self.y[ks, js])
         for level in range(self.LEVELS):
             if ks.size == 0:
                 return
-            cid, _ = self.cells(level)
-            r, a, nc = self._fit_model(level, f, used, invF, invs)
-            c = cid[ks, js]
-            enough = nc[c] >= self.MIN_POINTS
+            r, a, nc, lims = self._fit_model(level, f, used, invF, invs)
+            c = self._ids(*self._level_xy(axes, level), lims)
+            enough = (c >= 0) & (nc[np.maximum(c, 0)] >= self.MIN_POINTS)
             with np.errstate(invalid="ignore"):
                 agree = np.abs(lt_c - (r[c] - a[ks])) <= sigma * np.maximum(scale[ks], 1e-12)
             back = enough & agree
@@ -405,32 +433,67 @@ class _Neighbourhoods:
                 used[ks[back], js[back]] = True
             rest = ~enough
             ks, js, lt_c = ks[rest], js[rest], lt_c[rest]
+            axes = tuple(None if v is None else v[rest] for v in axes)
 
-    def _fit_model(self, level: int, f, used, invF, invs):
-        """``(r, a, count)`` of the cell-response model at ``level``, fitted once.
-
-        It is fitted once, to the points in use after the first (robust)
-        rejection pass, and kept: later passes change the set of points in use
-        by a few rejected points only (refitting it changes no verdict in the
-        seam Monte Carlo, and costs iterations).
-        """
-        if level in self._model:
-            return self._model[level]
-        nspot = f.shape[0]
-        cid, ncell = self.cells(level)
+    def _points(self, f, used, invF, invs) -> tuple:
+        """``(spot, log t, axes)`` of the points in use, gathered a chunk at a time (no
+        [spot, exposure]-sized temporaries: fresh memory costs more here than the arithmetic)."""
+        if self._cell is None:
+            self._size()
         # compressed to 1-D (one memory order for all, whatever each array's)
         order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
-        with np.errstate(invalid="ignore", divide="ignore"):
-            lt = f * invF[:, None]  # the same operations in place: one temporary, not three
-            lt *= invs[None, :]
-            np.log(lt, out=lt)
         good = used & self.ok
-        good &= np.isfinite(lt)
-        sel = np.flatnonzero(good.ravel(order=order))
-        gk = np.unravel_index(sel, f.shape, order=order)[0]
-        gl = lt.ravel(order=order)[sel]
-        gc = cid.ravel(order=order)[sel]
-        self._model[level] = cell_means(gk, gc, gl, nspot, ncell, niter=3)
+        flat = [a.ravel(order=order) for a in (good, f, self.x, self.y)]
+        n = int(np.count_nonzero(good))
+        gk, gl = np.empty(n, np.intp), np.empty(n)
+        axes = None
+        at = 0
+        for lo in range(0, good.size, _CHUNK):
+            sel = np.flatnonzero(flat[0][lo:lo + _CHUNK])
+            sel += lo
+            k, j = np.unravel_index(sel, f.shape, order=order)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                lt = flat[1][sel] * invF[k]
+                lt *= invs[j]
+                np.log(lt, out=lt)
+            fin = np.isfinite(lt)
+            if not fin.all():
+                sel, k, lt = sel[fin], k[fin], lt[fin]
+            part = self._axes(flat[2][sel], flat[3][sel])
+            if axes is None:
+                axes = tuple(None if v is None else np.empty(n, v.dtype) for v in part)
+            m = sel.size
+            gk[at:at + m], gl[at:at + m] = k, lt
+            for out, v in zip(axes, part):
+                if out is not None:
+                    out[at:at + m] = v
+            at += m
+        if axes is None:
+            axes = self._axes(np.empty(0), np.empty(0))
+        return gk[:at], gl[:at], tuple(None if v is None else v[:at] for v in axes)
+
+    def _fit_model(self, level: int, f, used, invF, invs):
+        """``(r, a, count, lims)`` of the cell-response model at ``level``, fitted once;
+        ``lims`` place a cell column and row in ``r`` (:meth:`_ids`).
+
+        It is fitted to the points in use when the level is first needed (after
+        the first, robust, rejection pass for the finest cells) and kept: later
+        passes change the set of points in use by a few rejected points only
+        (refitting changes no verdict in the seam Monte Carlo, and costs
+        iterations).
+        """
+        if level not in self._model:
+            gk, gl, axes = self._points(f, used, invF, invs)
+            cx, cy = self._level_xy(axes, level)
+            del axes
+            if cx.size:
+                x0, y0 = int(cx.min()), int(cy.min())
+                lims = (x0, y0, int(cx.max()) - x0 + 1, int(cy.max()) - y0 + 1)
+            else:
+                lims = (0, 0, 1, 1)
+            gc = self._ids(cx, cy, lims)
+            del cy
+            self._model[level] = cell_means(gk, gc, gl, f.shape[0], lims[2] * lims[3], niter=3) + (lims,)
         return self._model[level]
 
 
@@ -461,6 +524,9 @@ def _normalise(F_new: np.ndarray, s_new: np.ndarray, F: np.ndarray, s: np.ndarra
         ds = np.nanmax(np.abs(s_new / s - 1.0))
     return F_new, s_new, max(dF, ds)
 
+
+#: Points per chunk when the cell model's points are gathered (:meth:`_Neighbourhoods._points`).
+_CHUNK = 1 << 18
 
 #: Spots per block in :func:`estimate_scales` (a block of 1400 exposures is ~0.7 MB).
 _BLOCK_ROWS = 64

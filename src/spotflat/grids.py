@@ -816,6 +816,14 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
         raise InputError("no processed-grid files to stack")
     if len(rows) < count:
         big = big[:, : len(rows)]
+    return _stacked(big, rows, ambiguous, ref.flux_column, detector, max_offset)
+
+
+def _stacked(big: np.ndarray, rows: list, ambiguous: list, flux_column: str, detector: str | None,
+             max_offset: float | None) -> SpotGrids:
+    """The :class:`SpotGrids` of a filled ``(quantity, exposure, spot)`` stack, its exposure rows
+    (:func:`_exposure_row`) and ambiguous spots, in reading order: detector checks, date order,
+    point flags."""
     dets = sorted({r["detector"] for r in rows} - {""})
     if detector:
         if dets and dets != [detector]:
@@ -843,7 +851,7 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
     flags = np.zeros(values["flux"].shape, dtype=np.uint8)
     for j, k in enumerate(ambiguous):
         flags[k, j] |= POINT_FLAGS["ambiguous"]
-    grids = SpotGrids(**values, exposures=exposures, flux_column=ref.flux_column,
+    grids = SpotGrids(**values, exposures=exposures, flux_column=flux_column,
                       detector=dets[0] if dets else "", flags=flags)
     flag_points(grids, max_offset)
     return grids

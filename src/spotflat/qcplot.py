@@ -169,6 +169,9 @@ class FigureProcess:
             try:
                 os.close(w1)
                 os.close(r2)
+                # below the readers: its imports then take the core the (serial) fit leaves free
+                # instead of slowing the parallel reading (the parent waits when it draws)
+                os.nice(10)
                 _serve(r1, w2)
                 code = 0
             except BaseException:  # noqa: BLE001 -- the parent sees the closed pipe and falls back

@@ -1,0 +1,249 @@
+"""Reading one detector's grid files with forked readers, into one shared stack.
+
+Reading 1400 catalogues is most of what ``spotflat calibrate`` does for one
+detector, and each file is read independently. Shipping the read arrays back
+from worker processes through pipes costs more than the parallel reading
+saves (they are ~250 MB for 1400 files); here the ``(quantity, exposure,
+spot)`` stack is allocated once in memory shared with forked readers, each
+reader writes its files' values straight into their slots and sends back only
+the small per-file metadata. This process reads its own share meanwhile.
+
+The result is the same :class:`spotflat.grids.SpotGrids`, bit for bit, as
+:func:`spotflat.grids.stack_grid_files` over :func:`spotflat.grids.read_grid_files`
+(the values are copied, not recomputed; exposures are ordered the same way).
+Where ``fork`` is not available (Windows, or too few files to pay for the
+processes) the files are read serially.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .grids import (DEFAULT_MAX_OFFSET, QUANTITIES, NotAGridFile, SpotGrids, _exposure_row, _stacked,
+                    read_grid_file, read_grid_files, stack_grid_files)
+from .progress import progress_bar
+
+__all__ = ["read_stack", "MIN_FILES"]
+
+#: Fewest files worth forking readers for (a fork costs a few milliseconds).
+MIN_FILES = 200
+
+
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods() and hasattr(os, "fork")
+
+
+def read_stack(paths: Sequence[str | os.PathLike], flux_column: str | None = None,
+               detector: str | None = None, max_offset: float | None = DEFAULT_MAX_OFFSET,
+               nproc: int = 2, progress: bool = False, label: str = "Reading grid files",
+               min_files: int | None = None) -> SpotGrids:
+    """Read and stack one detector's processed-grid files with ``nproc`` processes.
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        The files, in reading order.
+    flux_column, detector, max_offset
+        As for :func:`spotflat.grids.stack_grid_files` and
+        :func:`spotflat.grids.read_grid_files` (files that are not grids are
+        skipped with a warning naming them).
+    nproc : int
+        Processes reading (this one included); 1, or fewer than
+        ``min_files`` files, reads serially here.
+    progress : bool
+        A progress bar over the files.
+    label : str
+        The bar's label.
+    min_files : int
+        Fewest files worth forking for (default :data:`MIN_FILES`).
+
+    Returns
+    -------
+    SpotGrids
+
+    Raises
+    ------
+    InputError
+        As the serial reader: the first bad file (in reading order among
+        those read) is named.
+    """
+    paths = [Path(p) for p in paths]
+    if min_files is None:
+        min_files = MIN_FILES
+    if nproc < 2 or len(paths) < max(min_files, 2) or not _can_fork():
+        from .progress import progress_iter
+
+        with progress_iter(paths, label, quiet=not progress) as bar:
+            return stack_grid_files(read_grid_files(bar, flux_column), detector=detector,
+                                    count=len(paths), max_offset=max_offset)
+    with progress_bar(len(paths), label, show=progress) as advance:
+        return _read_forked(paths, flux_column, detector, max_offset, nproc, advance)
+
+
+def _read_forked(paths, flux_column, detector, max_offset, nproc, advance) -> SpotGrids:
+    skipped: dict[int, str] = {}
+    first = 0
+    ref = None
+    while ref is None:  # the first grid file, here: the stack's shape
+        if first == len(paths):
+            raise InputError("no processed-grid files to stack")
+        try:
+            ref = read_grid_file(paths[first], flux_column)
+        except NotAGridFile as exc:
+            skipped[first] = str(exc)
+            first += 1
+        advance(1)
+    count = len(paths) - first
+    shape = (len(QUANTITIES), count, ref.nspot)
+    buf = mmap.mmap(-1, max(int(np.prod(shape)) * 8, 1))  # anonymous and shared with the forks
+    big = np.frombuffer(buf, dtype=np.float64).reshape(shape)
+    rows: list = [None] * count
+    amb: list = [None] * count
+    errors: dict[int, BaseException] = {}
+    _place(big, 0, ref, ref, rows, amb, {})
+    slots = list(range(1, count))
+    shares = [slots[i::nproc] for i in range(nproc)]  # interleaved: equal shares of slow files
+    ctx = multiprocessing.get_context("fork")
+    readers = []
+    for share in shares[1:]:
+        if not share:
+            continue
+        here, there = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_reader, args=(there, share, paths, first, big, ref, flux_column), daemon=True)
+        proc.start()
+        there.close()
+        readers.append((proc, here))
+
+    def receive(conn, block: bool) -> bool:
+        """Handle the messages waiting on ``conn``; False once it is closed."""
+        while block or conn.poll():
+            try:
+                kind, slot, *payload = conn.recv()
+            except EOFError:
+                return False
+            if kind == "ok":
+                rows[slot], amb[slot] = payload
+            elif kind == "skip":
+                skipped[first + slot] = payload[0]
+            else:
+                errors[slot] = pickle.loads(payload[0])
+            advance(1)
+        return True
+
+    done = False
+    try:
+        folders: dict = {}
+        for slot in shares[0]:
+            if errors:
+                break
+            try:
+                gf = read_grid_file(paths[first + slot], flux_column)
+            except NotAGridFile as exc:
+                skipped[first + slot] = str(exc)
+            except Exception as exc:  # noqa: BLE001 -- raised below, in reading order
+                errors[slot] = exc
+            else:
+                err = _place(big, slot, gf, ref, rows, amb, folders)
+                if err is not None:
+                    errors[slot] = err
+            advance(1)
+            for _, conn in readers:
+                receive(conn, block=False)
+        for _, conn in readers:
+            if errors:
+                break
+            receive(conn, block=True)
+        done = True
+    finally:
+        for proc, conn in readers:
+            if (errors or not done) and proc.is_alive():
+                proc.terminate()
+            proc.join()
+            conn.close()
+    if not errors and any(proc.exitcode != 0 for proc, _ in readers):
+        raise InputError("a reader process died while reading the grid files",
+                         expected="readable processed-grid files (or --workers 1)")
+    if errors:
+        raise errors[min(errors)]
+    for i in sorted(skipped):
+        warnings.warn(f"{skipped[i]}; skipped", UserWarning, stacklevel=3)
+    kept = [j for j in range(count) if rows[j] is not None]
+    if len(kept) < count:
+        big = big[:, kept]
+    return _stacked(big, [rows[j] for j in kept], [amb[j] for j in kept], ref.flux_column, detector,
+                    max_offset)
+
+
+def _place(big, slot, gf, ref, rows, amb, folders) -> InputError | None:
+    """Copy one file's values into its slot of the stack; its row and ambiguous spots."""
+    if (gf.grid["NCOLS"], gf.grid["NROWS"]) != (ref.grid["NCOLS"], ref.grid["NROWS"]):
+        return InputError(f"grid size {gf.grid['NCOLS']} x {gf.grid['NROWS']} differs from "
+                          f"{ref.grid['NCOLS']} x {ref.grid['NROWS']} in {ref.path.name}", path=gf.path,
+                          expected="all files of one run on the same grid")
+    for iq, q in enumerate(QUANTITIES):
+        big[iq, slot] = gf.values[q]
+    rows[slot] = _exposure_row(gf, folders)
+    amb[slot] = gf.ambiguous
+    return None
+
+
+def _reader(conn, share, paths, first, big, ref, flux_column) -> None:  # pragma: no cover (a fork)
+    """A forked reader: its slots' values into the shared stack, their metadata down the pipe."""
+    folders: dict = {}
+    rows: list = [None] * big.shape[1]
+    amb: list = [None] * big.shape[1]
+    try:
+        for slot in share:
+            try:
+                gf = read_grid_file(paths[first + slot], flux_column)
+            except NotAGridFile as exc:
+                conn.send(("skip", slot, str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 -- sent to the parent, which raises it
+                conn.send(("error", slot, _pickled(exc)))
+                return
+            err = _place(big, slot, gf, ref, rows, amb, folders)
+            if err is not None:
+                conn.send(("error", slot, _pickled(err)))
+                return
+            conn.send(("ok", slot, rows[slot], amb[slot]))
+            rows[slot] = amb[slot] = None
+    finally:
+        conn.close()
+
+
+def _pickled(exc: BaseException) -> bytes:
+    """The exception as bytes (an :class:`InputError` rebuilt with its parts; others by type and text)."""
+    if isinstance(exc, InputError):
+        exc = _Rebuilt(exc.problem, exc.path, exc.expected, type(exc))
+    try:
+        return pickle.dumps(exc)
+    except Exception:  # noqa: BLE001 -- an unpicklable exception: its text
+        return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+class _Rebuilt:
+    """An :class:`InputError` (or subclass) in transit: rebuilt by unpickling."""
+
+    def __init__(self, problem, path, expected, cls) -> None:
+        self.args = (problem, path, expected, cls)
+
+    def __reduce__(self):
+        problem, path, expected, cls = self.args
+        return (_rebuild, (cls, problem, path, expected))
+
+
+def _rebuild(cls, problem, path, expected) -> InputError:
+    try:
+        return cls(problem, path=path, expected=expected)
+    except TypeError:
+        return InputError(problem, path=path, expected=expected)
