@@ -69,13 +69,18 @@ qc, tmp = Table.read(sys.argv[1]), Path(sys.argv[2])
 here = write_qc_figure(qc, tmp / "here.png", "R22_S11")
 with FigureProcess() as helper:
     assert helper.pid is not None, "no fork in a fresh process"
-    assert helper.draw(qc, tmp / "child.png", "R22_S11")
-    assert (tmp / "child.png").read_bytes() == here.read_bytes()
+    assert helper.draw(qc, "R22_S11") == here.read_bytes()
+    # submitted early, collected later, in order (the command submits as soon as the QC is final)
+    assert helper.submit(qc, "R22_S11") and helper.submit(qc[:5], "R22_S11")
+    first, second = helper.collect(), helper.collect()
+    assert first == here.read_bytes() and second != first
+    out = write_qc_figure(qc, tmp / "given.png", "R22_S11", png=first)
+    assert out.read_bytes() == here.read_bytes()
     pid = helper.pid
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     helper.pid = pid  # as if still alive: the broken pipe must make draw() fail, not hang
-    assert not helper.draw(qc, tmp / "x.png", "R22_S11")
+    assert helper.draw(qc, "R22_S11") is None
     out = write_qc_figure(qc, tmp / "fallback.png", "R22_S11", helper=helper)
     assert out.read_bytes() == here.read_bytes()
 assert helper.pid is None

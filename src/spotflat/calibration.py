@@ -21,11 +21,13 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-from astropy.io import fits
-from astropy.table import Table
+
+if TYPE_CHECKING:  # astropy is imported where it is used: reading needs none of it
+    from astropy.io import fits
+    from astropy.table import Table
 
 from .errors import InputError
 from .fileio import (atomic_path, check_readable, fits_table_safe, fits_table_unescape, provenance_cards, reading,
@@ -697,7 +699,7 @@ def _segment(detector: str) -> tuple[float, float] | None:
 
 def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int = 3,
                       sigma: float = 4.0, maxiter: int = 50, tol: float = 1e-10,
-                      qc=True) -> Calibration:
+                      qc=True, on_qc: Callable[[Table], None] | None = None) -> Calibration:
     """Build the calibration catalogue from stacked processed-grid data.
 
     Parameters
@@ -717,6 +719,10 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         default): outlier exposures are left out of ``F`` and ``s`` and kept
         in the EXPOSURES table with ``used = False`` and a ``reason``.
         ``False`` fits every exposure (the point-level rejection stays).
+    on_qc : callable, optional
+        Called with the QC table (:attr:`Calibration.qc`) as soon as it is
+        final, before the per-spot statistics are computed -- e.g. to start
+        drawing the QC figure elsewhere meanwhile (``spotflat calibrate``).
 
     Returns
     -------
@@ -733,6 +739,8 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     >>> cal = spotflat.build_calibration(grids, stat="clipped", min_dithers=5)  # doctest: +SKIP
     >>> cal.spots["spotgrid_index", "flux", "flux_err", "ndither"][:3]          # doctest: +SKIP
     """
+    from astropy.table import Table
+
     if min_dithers < 1:
         raise InputError(f"min_dithers must be at least 1, got {min_dithers}")
     if grids.nexp < min_dithers:
@@ -753,6 +761,8 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         qc_result = run_qc(grids, stat=stat, sigma=sigma, options=opts, segment=segment,
                            maxiter=maxiter, tol=tol)
         F, s, used, niter, converged = qc_result.fit  # (re-registration relabels grids.flux in place)
+        if on_qc is not None:
+            on_qc(qc_result.table)
     # every per-point quantity below goes through one work array (see _masked)
     buf = np.empty_like(f)
     measured = np.isfinite(f) & np.isfinite(s)[None, :]
@@ -899,6 +909,8 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
 
 
 def _hdu(table: Table, name: str) -> fits.BinTableHDU:
+    from astropy.io import fits
+
     hdu = fits.table_to_hdu(table)
     hdu.name = name
     return hdu
@@ -906,6 +918,8 @@ def _hdu(table: Table, name: str) -> fits.BinTableHDU:
 
 def _used_hdu(used: np.ndarray) -> fits.ImageHDU:
     """The ``[spot, exposure]`` mask of points used, bit-packed along exposures."""
+    from astropy.io import fits
+
     hdu = fits.ImageHDU(np.packbits(used, axis=1), name="USED")
     hdu.header["NSPOT"] = (used.shape[0], "spots (image rows)")
     hdu.header["NEXP"] = (used.shape[1], "exposures (bits along each row)")
@@ -947,6 +961,8 @@ def write_calibration(calib: Calibration, path: str | os.PathLike, ecsv: bool = 
     list of pathlib.Path
         The files written.
     """
+    from astropy.io import fits
+
     path = Path(path)
     cards = provenance_cards(**calib.meta)
     primary = fits.PrimaryHDU()
@@ -1002,6 +1018,9 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
 
 
 def _read_calibration(path: Path) -> Calibration:
+    from astropy.io import fits
+    from astropy.table import Table
+
     used = None
     try:
         if path.suffix == ".ecsv":

@@ -36,11 +36,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from astropy.io import fits
-from astropy.table import Table
+
+if TYPE_CHECKING:  # astropy is imported where it is used: reading needs none of it
+    from astropy.table import Table
 
 from .errors import InputError
 from .fileio import atomic_path
@@ -137,7 +138,7 @@ def _offset(qc) -> dict:
 def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: Runner | None = None, *,
                         flux_column: str | None = None, stat: str = "clipped", min_dithers: int = 3,
                         sigma: float = 4.0, progress: bool = False, min_chunk: int = 32,
-                        split_files: bool | None = None, qc=True) -> dict:
+                        split_files: bool | None = None, qc=True, on_qc=None) -> dict:
     """Build one calibration catalogue per detector, on the runner's workers.
 
     Several detectors: one task per detector (reads its files streaming and
@@ -171,6 +172,10 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
     qc : bool or spotflat.qc.QCOptions
         Quality control, as for :func:`spotflat.calibration.build_calibration`
         (a ``max_offset`` attribute also sets the far-match rule of the reader).
+    on_qc : callable, optional
+        ``on_qc(detector, qc_table)`` as soon as a detector's QC table is
+        final (see :func:`spotflat.calibration.build_calibration`); called for
+        the detectors calibrated in this process only.
 
     Returns
     -------
@@ -193,14 +198,14 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
         opts = (flux_column, stat, min_dithers, sigma, qc)
         if runner.kind == "serial":
             with single_thread_blas():  # as the workers do: same numbers bit for bit
-                return {det: _calibrate_serial(det, groups[det], opts, progress) for det in dets}
+                return {det: _calibrate_serial(det, groups[det], opts, progress, on_qc=on_qc) for det in dets}
         if split_files is None:
             split_files = runner.kind == "dask" and len(dets) < runner.nworkers
         if not split_files and len(dets) == 1:
             # read here, the local workers' cores sharing the reading through shared memory
             nread = runner.nworkers if runner.kind == "processes" else 1
             with single_thread_blas():
-                return {det: _calibrate_serial(det, groups[det], opts, progress, nread) for det in dets}
+                return {det: _calibrate_serial(det, groups[det], opts, progress, nread, on_qc) for det in dets}
         if not split_files:
             jobs = [(det, [str(p) for p in groups[det]], *opts) for det in dets]
             cals = runner.map(_calibrate_one, jobs, label="Calibrating detectors", progress=progress)
@@ -209,8 +214,10 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
         for det in dets:  # few detectors for many workers: split each one's files
             grids = read_grids_chunked(groups[det], runner, flux_column, detector=det or None,
                                        progress=progress, min_chunk=min_chunk, **_offset(qc))
+            hook = None if on_qc is None else (lambda table, det=det: on_qc(det, table))
             with single_thread_blas():
-                out[det] = build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
+                out[det] = build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc,
+                                             on_qc=hook)
             del grids
         return out
     finally:
@@ -218,16 +225,19 @@ def calibrate_detectors(groups: dict[str, Sequence[str | os.PathLike]], runner: 
             runner.close()
 
 
-def _calibrate_serial(det: str, paths, opts, progress: bool, nread: int = 1):
+def _calibrate_serial(det: str, paths, opts, progress: bool, nread: int = 1, on_qc=None):
     """One detector's catalogue: read its files (a bar over them; ``nread`` processes share
-    the reading, :mod:`spotflat.forkread`) and calibrate here."""
+    the reading, :mod:`spotflat.forkread`) and calibrate here (``on_qc(det, table)``: see
+    :func:`calibrate_detectors`)."""
     from .calibration import build_calibration
     from .forkread import read_stack
 
     flux_column, stat, min_dithers, sigma, qc = opts
+    # the catalogue's writer imported while forked readers read
     grids = read_stack(paths, flux_column, detector=det or None, nproc=nread, progress=progress,
-                       label=f"Reading {det or 'grid files'}", **_offset(qc))
-    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc)
+                       label=f"Reading {det or 'grid files'}", preload=("astropy.io.fits",), **_offset(qc))
+    hook = None if on_qc is None else (lambda table: on_qc(det, table))
+    return build_calibration(grids, stat=stat, min_dithers=min_dithers, sigma=sigma, qc=qc, on_qc=hook)
 
 
 # ---------------------------------------------------------------------------- finding inputs
@@ -282,6 +292,8 @@ def find_calibrations(spec: str | os.PathLike) -> dict[str, Path]:
         When no catalogue is found, a catalogue does not name its detector,
         or two catalogues are for the same detector.
     """
+    from astropy.io import fits
+
     found: dict[str, Path] = {}
     for p in _fits_files(spec, "calibration catalogues (calib_<DET>.fits) or a pattern matching them"):
         try:
@@ -326,6 +338,8 @@ def find_flats(flat_dir: str | os.PathLike, detectors: Sequence[str] | None = No
     InputError
         No flat for a needed detector, or two flats for the same one.
     """
+    from astropy.io import fits
+
     from .flats import detector_from_header
 
     flat_dir = Path(flat_dir)
@@ -480,11 +494,19 @@ class FocalPlaneResult:
     summary: Table
     amps: Table
     files: list
-    verdict: Table = field(default_factory=Table)
+    verdict: Table = field(default_factory=lambda: _table())
+
+
+def _table(*args, **kwargs) -> Table:
+    from astropy.table import Table
+
+    return Table(*args, **kwargs)
 
 
 def _verdict_table(rows: list[dict], meta: dict) -> Table:
     """One row per (detector, feature) from the detectors' verdicts."""
+    from astropy.table import Table
+
     vrows = [v for r in rows for v in r.get("verdict", [])]
     table = Table(rows=vrows) if vrows else Table(names=("detector", "feature", "verdict"), dtype=(str, str, str))
     table.meta.update(meta)
@@ -494,6 +516,8 @@ def _verdict_table(rows: list[dict], meta: dict) -> Table:
 
 
 def _tables(rows: list[dict], meta: dict) -> tuple[Table, Table]:
+    from astropy.table import Table
+
     summary = Table(rows=[r["ccd"] for r in rows])
     amp_rows = [a for r in rows for a in r["amps"]]
     amps = Table(rows=amp_rows) if amp_rows else Table(

@@ -17,6 +17,7 @@ processes) the files are read serially.
 
 from __future__ import annotations
 
+import importlib
 import mmap
 import multiprocessing
 import os
@@ -45,7 +46,7 @@ def _can_fork() -> bool:
 def read_stack(paths: Sequence[str | os.PathLike], flux_column: str | None = None,
                detector: str | None = None, max_offset: float | None = DEFAULT_MAX_OFFSET,
                nproc: int = 2, progress: bool = False, label: str = "Reading grid files",
-               min_files: int | None = None) -> SpotGrids:
+               min_files: int | None = None, preload: Sequence[str] = ()) -> SpotGrids:
     """Read and stack one detector's processed-grid files with ``nproc`` processes.
 
     Parameters
@@ -65,6 +66,10 @@ def read_stack(paths: Sequence[str | os.PathLike], flux_column: str | None = Non
         The bar's label.
     min_files : int
         Fewest files worth forking for (default :data:`MIN_FILES`).
+    preload : sequence of str
+        Modules to import in this process while the forked readers read
+        (what the caller needs next); this process reads fewer files
+        meanwhile. Imported before reading when the reading is serial.
 
     Returns
     -------
@@ -82,14 +87,16 @@ def read_stack(paths: Sequence[str | os.PathLike], flux_column: str | None = Non
     if nproc < 2 or len(paths) < max(min_files, 2) or not _can_fork():
         from .progress import progress_iter
 
+        for name in preload:
+            importlib.import_module(name)
         with progress_iter(paths, label, quiet=not progress) as bar:
             return stack_grid_files(read_grid_files(bar, flux_column), detector=detector,
                                     count=len(paths), max_offset=max_offset)
     with progress_bar(len(paths), label, show=progress) as advance:
-        return _read_forked(paths, flux_column, detector, max_offset, nproc, advance)
+        return _read_forked(paths, flux_column, detector, max_offset, nproc, advance, preload)
 
 
-def _read_forked(paths, flux_column, detector, max_offset, nproc, advance) -> SpotGrids:
+def _read_forked(paths, flux_column, detector, max_offset, nproc, advance, preload) -> SpotGrids:
     skipped: dict[int, str] = {}
     first = 0
     ref = None
@@ -110,15 +117,14 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance) -> Sp
     amb: list = [None] * count
     errors: dict[int, BaseException] = {}
     _place(big, 0, ref, ref, rows, amb, {})
-    slots = list(range(1, count))
-    shares = [slots[i::nproc] for i in range(nproc)]  # interleaved: equal shares of slow files
     ctx = multiprocessing.get_context("fork")
+    # the next slot to read: every process claims a few at a time, so a slower one
+    # (this one, importing ``preload`` first) reads fewer; ``stop`` set on an error
+    claim = _Claims(ctx, count)
     readers = []
-    for share in shares[1:]:
-        if not share:
-            continue
+    for _ in range(nproc - 1):
         here, there = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_reader, args=(there, share, paths, first, big, ref, flux_column), daemon=True)
+        proc = ctx.Process(target=_reader, args=(there, claim, paths, first, big, ref, flux_column), daemon=True)
         proc.start()
         there.close()
         readers.append((proc, here))
@@ -136,15 +142,17 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance) -> Sp
                 skipped[first + slot] = payload[0]
             else:
                 errors[slot] = pickle.loads(payload[0])
+                claim.stop()
             advance(1)
         return True
 
     done = False
     try:
+        # what the stacking (astropy.table) and the caller need next, while the readers work
+        for name in ("astropy.table", *preload):
+            importlib.import_module(name)
         folders: dict = {}
-        for slot in shares[0]:
-            if errors:
-                break
+        for slot in claim:
             try:
                 gf = read_grid_file(paths[first + slot], flux_column)
             except NotAGridFile as exc:
@@ -155,17 +163,17 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance) -> Sp
                 err = _place(big, slot, gf, ref, rows, amb, folders)
                 if err is not None:
                     errors[slot] = err
+            if errors:
+                claim.stop()
             advance(1)
             for _, conn in readers:
                 receive(conn, block=False)
         for _, conn in readers:
-            if errors:
-                break
             receive(conn, block=True)
         done = True
     finally:
         for proc, conn in readers:
-            if (errors or not done) and proc.is_alive():
+            if not done and proc.is_alive():
                 proc.terminate()
             proc.join()
             conn.close()
@@ -196,29 +204,55 @@ def _place(big, slot, gf, ref, rows, amb, folders) -> InputError | None:
     return None
 
 
-def _reader(conn, share, paths, first, big, ref, flux_column) -> None:  # pragma: no cover (a fork)
+def _reader(conn, claim, paths, first, big, ref, flux_column) -> None:  # pragma: no cover (a fork)
     """A forked reader: its slots' values into the shared stack, their metadata down the pipe."""
     folders: dict = {}
     rows: list = [None] * big.shape[1]
     amb: list = [None] * big.shape[1]
     try:
-        for slot in share:
+        for slot in claim:
             try:
                 gf = read_grid_file(paths[first + slot], flux_column)
             except NotAGridFile as exc:
                 conn.send(("skip", slot, str(exc)))
                 continue
             except Exception as exc:  # noqa: BLE001 -- sent to the parent, which raises it
+                claim.stop()
                 conn.send(("error", slot, _pickled(exc)))
                 return
             err = _place(big, slot, gf, ref, rows, amb, folders)
             if err is not None:
+                claim.stop()
                 conn.send(("error", slot, _pickled(err)))
                 return
             conn.send(("ok", slot, rows[slot], amb[slot]))
             rows[slot] = amb[slot] = None
     finally:
         conn.close()
+
+
+class _Claims:
+    """Slots ``1 .. count - 1`` handed out a few at a time to the processes sharing them
+    (iterate to claim); :meth:`stop` ends every process's iteration after its current batch."""
+
+    BATCH = 8
+
+    def __init__(self, ctx, count: int) -> None:
+        self._next = ctx.Value("q", 1)  # with its lock
+        self._stop = ctx.Value("b", 0, lock=False)
+        self.count = count
+
+    def stop(self) -> None:
+        self._stop.value = 1
+
+    def __iter__(self):
+        while not self._stop.value:
+            with self._next.get_lock():
+                lo = self._next.value
+                self._next.value = lo + self.BATCH
+            if lo >= self.count:
+                return
+            yield from range(lo, min(lo + self.BATCH, self.count))
 
 
 def _pickled(exc: BaseException) -> bytes:

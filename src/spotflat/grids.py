@@ -31,12 +31,12 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
-from astropy.io import fits
-from astropy.table import Table
-from astropy.utils.exceptions import AstropyUserWarning
+
+if TYPE_CHECKING:  # astropy is imported where it is used: the fast reader needs none of it
+    from astropy.table import Table
 
 from .errors import InputError
 from .fileio import check_readable, reading
@@ -547,6 +547,9 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
             return _read_fast(path, flux_column)
         except Unsupported:
             pass  # compressed, unusual or damaged: astropy reads it or says what is wrong
+        from astropy.io import fits
+        from astropy.utils.exceptions import AstropyUserWarning
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", AstropyUserWarning)
@@ -593,6 +596,8 @@ def _read_fast(path: Path, flux_column: str | None) -> GridFile:
 
 
 def _read_astropy(path: Path, hdul, flux_column: str | None) -> GridFile:
+    from astropy.io import fits
+
     hdul.verify("silentfix")
     if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
         raise NotAGridFile("no binary table in HDU 1", path=path,
@@ -758,6 +763,8 @@ def _meta_from_headers(p: Path) -> dict:
         return _header_meta(p, ff.headers[:2])
     except (Unsupported, OSError, ValueError, KeyError):
         pass
+    from astropy.io import fits
+
     try:
         with fits.open(p) as hdul:
             return _header_meta(p, [h.header for h in hdul[:2]])
@@ -843,6 +850,8 @@ def _stacked(big: np.ndarray, rows: list, ambiguous: list, flux_column: str, det
         big = big[:, order, :]
         rows = [rows[j] for j in order]
         ambiguous = [ambiguous[j] for j in order]
+    from astropy.table import Table
+
     values = {q: big[iq].T for iq, q in enumerate(QUANTITIES)}
     exposures = Table({name: np.array([r[name] for r in rows], dtype=dtype)
                        for name, dtype in _EXPOSURE_COLUMNS})
@@ -885,13 +894,16 @@ def flag_points(grids: SpotGrids, max_offset: float | None = DEFAULT_MAX_OFFSET)
         raise InputError(f"max_offset must be positive, got {max_offset}",
                          expected="a fraction of the grid step, e.g. 0.25")
     step = np.minimum(np.asarray(grids.exposures["xstep"], float), np.asarray(grids.exposures["ystep"], float))
-    limit = max_offset * step
+    limit2 = (max_offset * step) ** 2
     far = np.empty(grids.dx.shape, dtype=bool)
-    with np.errstate(invalid="ignore"):
-        # by blocks of exposures: no [spot, exposure]-sized float temporary
+    with np.errstate(invalid="ignore", over="ignore"):
+        # by blocks of exposures: no [spot, exposure]-sized float temporary; squared
+        # distances (hypot guards against overflow at a cost, offsets are pixels)
         for j0 in range(0, grids.nexp, 128):
             b = slice(j0, j0 + 128)
-            np.greater(np.hypot(grids.dx[:, b], grids.dy[:, b]), limit[None, b], out=far[:, b])
+            d2 = grids.dx[:, b] * grids.dx[:, b]
+            d2 += grids.dy[:, b] * grids.dy[:, b]
+            np.greater(d2, limit2[None, b], out=far[:, b])
     if far.any():
         grids.flags[far] |= POINT_FLAGS["far"]
         for q in QUANTITIES:

@@ -106,23 +106,29 @@ def _outline(detector: str):
             np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, -0.5]))
 
 
-def write_qc_figure(qc, path: str | os.PathLike, detector: str = "", helper: "FigureProcess | None" = None) -> Path:
+def write_qc_figure(qc, path: str | os.PathLike, detector: str = "", helper: "FigureProcess | None" = None,
+                    png: bytes | None = None) -> Path:
     """Render :func:`plot_qc` to ``path`` (PNG), atomically.
 
     ``helper``: a :class:`FigureProcess` to draw in (this process draws when
-    it cannot).
+    it cannot); ``png``: the figure already drawn (:meth:`FigureProcess.collect`).
     """
     from .fileio import atomic_path
 
     path = Path(path)
+    if png is None and helper is not None:
+        png = helper.draw(qc, detector)
     with atomic_path(path) as tmp:
-        if helper is None or not helper.draw(qc, tmp, detector):
+        if png is not None:
+            Path(tmp).write_bytes(png)
+        else:
             _render(qc, tmp, detector)
     return path
 
 
 def _render(qc, path, detector: str) -> None:
-    """:func:`plot_qc` written as PNG (here or in the :class:`FigureProcess` child: the same bytes)."""
+    """:func:`plot_qc` written as PNG to a path or a binary file object (here or in the
+    :class:`FigureProcess` child: the same bytes)."""
     plot_qc(qc, detector).savefig(path, dpi=90, format="png")
 
 
@@ -143,11 +149,13 @@ class FigureProcess:
     Importing matplotlib and drawing the first figure of a process cost ~0.4 s,
     a tenth of ``spotflat calibrate`` on 1400 files. A child forked at the
     start of the command does that on another core while the parent reads and
-    fits; the parent then sends the QC columns and the (temporary) output path
-    through a pipe and waits for the child's answer. Where no fork is possible
-    (no ``os.fork``, or threads already running: a forked child could inherit a
-    held lock) or the child fails, :meth:`draw` returns False and the caller
-    draws in its own process, so the outputs never depend on the child.
+    fits; the parent sends the QC columns through a pipe as soon as they are
+    final (:meth:`submit`, while it still computes the catalogue and writes
+    it) and later takes the PNG bytes back (:meth:`collect`). Where no fork is
+    possible (no ``os.fork``, or threads already running: a forked child could
+    inherit a held lock) or the child fails, :meth:`collect` returns None and
+    the caller draws in its own process, so the outputs never depend on the
+    child.
     """
 
     def __init__(self) -> None:
@@ -184,21 +192,40 @@ class FigureProcess:
         self._to = os.fdopen(w1, "wb")
         self._from = os.fdopen(r2, "rb")
 
-    def draw(self, qc, path: str | os.PathLike, detector: str = "") -> bool:
-        """Have the child write :func:`plot_qc` of ``qc`` to ``path``; False when it could not."""
+    def draw(self, qc, detector: str = "") -> bytes | None:
+        """The PNG of :func:`plot_qc` of ``qc``, drawn by the child; None when it could not."""
+        return self.collect() if self.submit(qc, detector) else None
+
+    def submit(self, qc, detector: str = "") -> bool:
+        """Start the child drawing ``qc``'s figure (:meth:`collect` gets it); False when it cannot.
+
+        Drawings are collected in the order they were submitted.
+        """
         import pickle
 
         if self.pid is None:
             return False
         cols = {name: np.asarray(qc[name]) for name in qc.colnames}
         try:
-            pickle.dump((cols, str(path), detector), self._to, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((cols, detector), self._to, protocol=pickle.HIGHEST_PROTOCOL)
             self._to.flush()
+        except (OSError, pickle.PickleError):
+            self.close()
+            return False
+        return True
+
+    def collect(self) -> bytes | None:
+        """The PNG of the oldest drawing :meth:`submit` asked for (waits); None when it failed."""
+        import pickle
+
+        if self.pid is None:
+            return None
+        try:
             reply = pickle.load(self._from)
         except (OSError, EOFError, pickle.PickleError):
             self.close()
-            return False
-        return reply == "ok"
+            return None
+        return reply if isinstance(reply, bytes) else None
 
     def close(self) -> None:
         """End the child (it exits on the closed pipe) and reap it."""
@@ -222,23 +249,46 @@ class FigureProcess:
         self.close()
 
 
+def _warm_up() -> None:
+    """Draw a small QC figure to memory: the first figure of a process pays for fonts, text
+    and tick machinery (~0.1 s), here while the parent still computes, not when it waits."""
+    import io
+    import warnings
+
+    n = 8
+    cols = {"filename": np.array([f"e{j}" for j in range(n)]), "used": np.arange(n) > 0,
+            "t_scatter": np.linspace(0.005, 0.02, n), "t_width": np.linspace(0.006, 0.03, n),
+            "pattern_r": np.linspace(0.5, 0.99, n), "rejected_fraction": np.linspace(0.0, 0.05, n),
+            "x_centre": np.linspace(0, 4000, n),
+            "y_centre": np.linspace(0, 4000, n)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _render(_Columns(cols), io.BytesIO(), "R22_S11")
+    except Exception:  # noqa: BLE001 -- only a warm-up
+        pass
+
+
 def _serve(rfd: int, wfd: int) -> None:
     """The child of :class:`FigureProcess`: import, then draw each request until EOF."""
+    import io
     import pickle
 
     from matplotlib.backends import backend_agg  # noqa: F401 -- the imports are the point
     from matplotlib.figure import Figure  # noqa: F401
 
     _plain_log()
+    _warm_up()
     with os.fdopen(rfd, "rb") as rf, os.fdopen(wfd, "wb") as wf:
         while True:
             try:
-                cols, path, detector = pickle.load(rf)
+                cols, detector = pickle.load(rf)
             except EOFError:
                 return
             try:
-                _render(_Columns(cols), path, detector)
-                reply = "ok"
+                buf = io.BytesIO()
+                _render(_Columns(cols), buf, detector)
+                reply = buf.getvalue()
             except Exception as exc:  # noqa: BLE001 -- the parent redraws and reports it
                 reply = f"error: {exc}"
             pickle.dump(reply, wf)

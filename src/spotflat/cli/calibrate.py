@@ -155,15 +155,25 @@ def _calibrate(spotdata_dir, raw, flux_column, stat, sigma, min_dithers, detecto
             click.echo(f"{len(groups)} detectors found ({shown}): writing one catalogue per detector.")
         # build everything before writing anything: no partial set of outputs
         options = QCOptions(enabled=qc, keep=keep, drop=drop, register=register, max_offset=max_offset)
+        drawn: dict = {}  # detector -> submitted to the figure child (drawn while the catalogue is built)
+
+        def on_qc(det, table):
+            if qc_figure and helper is not None and helper.submit(table, det):
+                drawn[det] = None
+
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             cals = calibrate_detectors(groups, runner, flux_column=flux_column, stat=stat,
-                                       min_dithers=min_dithers, sigma=sigma, progress=not quiet, qc=options)
+                                       min_dithers=min_dithers, sigma=sigma, progress=not quiet, qc=options,
+                                       on_qc=on_qc)
         for w in caught:
             if issubclass(w.category, UserWarning):
                 click.echo(f"Warning: {w.message}", err=True)
         how = runner.describe()
-    written_all = _write_all(cals, output, several, to_dir, ecsv, qc_figure, inputs=paths, helper=helper)
+    for det in drawn:  # in the order submitted
+        drawn[det] = helper.collect()
+    written_all = _write_all(cals, output, several, to_dir, ecsv, qc_figure, inputs=paths, helper=helper,
+                             drawn=drawn)
     if len(written_all) == 1:
         det, cal, written = written_all[0]
         _summary(det, cal, written, how)
@@ -171,11 +181,16 @@ def _calibrate(spotdata_dir, raw, flux_column, stat, sigma, min_dithers, detecto
         _short_summary(written_all, how)
 
 
-def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figure: bool, inputs=(), helper=None):
-    """Write every catalogue with its QC table and figure: all staged, then renamed together."""
+def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figure: bool, inputs=(), helper=None,
+               drawn=None):
+    """Write every catalogue with its QC table and figure: all staged, then renamed together.
+
+    ``drawn``: QC figures already drawn (PNG bytes by detector; None where the drawing failed).
+    """
     from ..calibration import write_calibration
     from ..fileio import atomic_path, make_output_dir, staged_outputs
 
+    drawn = drawn or {}
     written_all = []
     with staged_outputs(inputs=inputs):  # every file of the run appears, or none
         if to_dir:
@@ -193,7 +208,7 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
                 if figure:
                     from ..qcplot import write_qc_figure
 
-                    files.append(write_qc_figure(cal.qc, png, det, helper=helper))
+                    files.append(write_qc_figure(cal.qc, png, det, helper=helper, png=drawn.get(det)))
             written_all.append((det, cal, files))
     return written_all
 
