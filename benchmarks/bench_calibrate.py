@@ -197,6 +197,14 @@ def main() -> None:
         _child(*args.child)
         return
     print("load average at start: %.2f %.2f %.2f (2-core machine: > 2 means other jobs compete)" % os.getloadavg())
+    # spotflat's bytecode, as a regular install writes it (pip compiles what it installs, and
+    # fitsio's and numpy's is there): an editable install under PYTHONDONTWRITEBYTECODE=1
+    # would otherwise recompile spotflat's modules from source in every process (~0.05 s)
+    import compileall
+
+    import spotflat
+
+    compileall.compile_dir(os.path.dirname(spotflat.__file__), quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         d = (args.dir or Path(tmp)) / "spotdata"
         d.mkdir(parents=True, exist_ok=True)

@@ -163,3 +163,26 @@ def test_unwritable_output(tmp_path, run_cli):
     (tmp_path / "afile").write_text("x")
     res = run_cli("calibrate", d, "-o", tmp_path / "afile" / "calib.fits")
     _assert_clean_failure(res, tmp_path, "afile: not a directory")
+
+
+def test_astropy_log_quiet_when_astropy_imported_during_the_command():
+    """The commands keep astropy's log at ERROR; when astropy is first imported during
+    the command (calibrate imports it while its readers read), the level applies from
+    that import on, and is restored afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from spotflat.cli import _astropy_log_errors_only\n"
+        "assert 'astropy' not in sys.modules\n"
+        "with _astropy_log_errors_only():\n"
+        "    import astropy\n"
+        "    inside = astropy.log.level\n"
+        "after = astropy.log.level\n"
+        "with _astropy_log_errors_only():\n"
+        "    again = astropy.log.level\n"
+        "print(inside, after, again, astropy.log.level, any(type(f).__name__ == '_AfterImport' for f in sys.meta_path))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["40", "20", "40", "20", "False"], out

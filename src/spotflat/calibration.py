@@ -697,6 +697,81 @@ def _segment(detector: str) -> tuple[float, float] | None:
         return None
 
 
+def _point_statistics(grids: SpotGrids, F: np.ndarray, s: np.ndarray, used: np.ndarray, stat: str,
+                      min_dithers: int) -> dict:
+    """The per-spot and per-exposure statistics of the catalogue, given the fit (arrays only).
+
+    Every per-point quantity goes through one work array (see :func:`_masked`).
+    """
+    f = grids.flux
+    buf = np.empty_like(f)
+    measured = np.isfinite(f) & np.isfinite(s)[None, :]
+    n_all = np.count_nonzero(measured, axis=1)
+    n = np.count_nonzero(used, axis=1)
+    out = {"n": n, "n_all": n_all}
+
+    def scaled(out, where):  # f / s
+        np.divide(f, s[None, :], out=out, where=where)
+
+    def throughput(out, where):  # t = f / (F s)
+        np.multiply(F[:, None], s[None, :], out=out, where=where)
+        np.divide(f, out, out=out, where=where)
+
+    def mean_used(a) -> np.ndarray:
+        return _masked(buf, used, a).sum(axis=1) / n
+
+    def std_used(a, ddof: int = 0) -> np.ndarray:
+        return _masked_std(_masked(buf, used, a), used, axis=1, ddof=ddof)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["flux_mean"] = _masked(buf, measured, scaled).sum(axis=1) / n_all
+        out["flux_clipped"] = mean_used(scaled)
+        out["flux_std"] = std_used(scaled, ddof=1)
+        _masked(buf, measured, scaled, fill=np.nan).sort(axis=1)  # NaNs last
+        out["flux_median"] = _sorted_median(buf)
+    eff = out["eff"] = _MEDIAN_EFF if stat == "median" else 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["flux_err"] = eff * out["flux_std"] / np.sqrt(n)
+    valid = out["valid"] = (n >= min_dithers) & np.isfinite(F)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["x"] = mean_used(grids.x)
+        out["y"] = mean_used(grids.y)
+        out["x_std"] = std_used(grids.x)
+        out["y_std"] = std_used(grids.y)
+        for q in ("dx", "dy", "xx", "yy", "xy"):
+            out[q] = mean_used(getattr(grids, q))
+        out["t_std"] = std_used(throughput)
+    excluded = ~used.any(axis=0) & measured.any(axis=0)  # left out by the exposure QC
+    out["nclipped"] = np.where(excluded, 0, np.count_nonzero(measured & ~used, axis=0))
+    good = used & valid[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nused = out["nused"] = np.count_nonzero(good, axis=0)
+        # s[j] is an average over spots of f/F: the fixed response pattern the
+        # spots sample is common to all exposures and cancels, so only the
+        # measurement noise moves s. Use the measured flux errors when the
+        # files give them; otherwise the scatter over spots (conservative).
+        with_err = good & np.isfinite(grids.flux_err)
+        measured_err = out["measured_err"] = bool(np.count_nonzero(with_err) >= 0.9 * nused.sum() and with_err.any())
+        if measured_err:
+            def rel2(out, where):  # (flux_err / f)^2
+                np.divide(grids.flux_err, f, out=out, where=where)
+                np.multiply(out, out, out=out)
+
+            _masked(buf, with_err, rel2)
+            out["scale_err"] = eff * s * np.sqrt(buf.sum(axis=0)) / np.count_nonzero(with_err, axis=0)
+            out["flux_err_stat"] = np.where(valid, eff * F * np.sqrt(buf.sum(axis=1))
+                                            / np.count_nonzero(with_err, axis=1), np.nan)
+        else:
+            def ratio(out, where):  # f / F
+                np.divide(f, F[:, None], out=out, where=where)
+
+            s_std = _masked_std(_masked(buf, good, ratio), good, axis=0, ddof=1)
+            out["scale_err"] = eff * s_std / np.sqrt(nused)
+            out["flux_err_stat"] = np.full(len(F), np.nan)
+        out["exp_t_std"] = _masked_std(_masked(buf, good, throughput), good, axis=0, ddof=0)
+    return out
+
+
 def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int = 3,
                       sigma: float = 4.0, maxiter: int = 50, tol: float = 1e-10,
                       qc=True, on_qc: Callable[[Table], None] | None = None) -> Calibration:
@@ -720,9 +795,12 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         in the EXPOSURES table with ``used = False`` and a ``reason``.
         ``False`` fits every exposure (the point-level rejection stays).
     on_qc : callable, optional
-        Called with the QC table (:attr:`Calibration.qc`) as soon as it is
-        final, before the per-spot statistics are computed -- e.g. to start
-        drawing the QC figure elsewhere meanwhile (``spotflat calibrate``).
+        Called with the QC table (:attr:`Calibration.qc`) as soon as the
+        exposure quality control is decided: its per-exposure metrics, grid
+        centres and ``used``/``reason`` (everything :func:`spotflat.qcplot.plot_qc`
+        shows), before the brighter-fatter columns are added and the per-spot
+        statistics computed -- e.g. to draw the QC figure elsewhere meanwhile
+        (``spotflat calibrate``).
 
     Returns
     -------
@@ -754,44 +832,27 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     if qc is False or qc is None:
         F, s, used, niter, converged = estimate_scales(f, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol,
                                                        x=grids.x, y=grids.y, segment=segment)
+        st = _point_statistics(grids, F, s, used, stat, min_dithers)
     else:
-        from .qc import QCOptions, run_qc
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .qc import QCOptions, _qc_bf, _qc_fit, _qc_table
 
         opts = qc if isinstance(qc, QCOptions) else QCOptions()
-        qc_result = run_qc(grids, stat=stat, sigma=sigma, options=opts, segment=segment,
-                           maxiter=maxiter, tol=tol)
-        F, s, used, niter, converged = qc_result.fit  # (re-registration relabels grids.flux in place)
+        state = _qc_fit(grids, stat, sigma, opts, segment, maxiter, tol)
+        F, s, used, niter, converged = state.res  # (re-registration relabels grids.flux in place)
+        table = _qc_table(state)
         if on_qc is not None:
-            on_qc(qc_result.table)
-    # every per-point quantity below goes through one work array (see _masked)
-    buf = np.empty_like(f)
-    measured = np.isfinite(f) & np.isfinite(s)[None, :]
-    n_all = np.count_nonzero(measured, axis=1)
-    n = np.count_nonzero(used, axis=1)
-
-    def scaled(out, where):  # f / s
-        np.divide(f, s[None, :], out=out, where=where)
-
-    def throughput(out, where):  # t = f / (F s)
-        np.multiply(F[:, None], s[None, :], out=out, where=where)
-        np.divide(f, out, out=out, where=where)
-
-    def mean_used(a) -> np.ndarray:
-        return _masked(buf, used, a).sum(axis=1) / n
-
-    def std_used(a, ddof: int = 0) -> np.ndarray:
-        return _masked_std(_masked(buf, used, a), used, axis=1, ddof=ddof)
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        flux_mean = _masked(buf, measured, scaled).sum(axis=1) / n_all
-        flux_clipped = mean_used(scaled)
-        flux_std = std_used(scaled, ddof=1)
-        _masked(buf, measured, scaled, fill=np.nan).sort(axis=1)  # NaNs last
-        flux_median = _sorted_median(buf)
-    eff = _MEDIAN_EFF if stat == "median" else 1.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        flux_err = eff * flux_std / np.sqrt(n)
-    valid = (n >= min_dithers) & np.isfinite(F)
+            on_qc(table)
+        # the per-point statistics beside the brighter-fatter ones: both are whole-array
+        # numpy work, which runs without the GIL, so a second core takes one of them
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(_point_statistics, grids, F, s, used, stat, min_dithers)
+            try:
+                qc_result = _qc_bf(state, table)
+            finally:
+                st = job.result()
+    valid, n = st["valid"], st["n"]
     if not valid.any():  # nothing to write: a failed calibration is an error, not a file
         where = grids.exposures["path"][0] if grids.nexp == 1 else os.path.commonpath(
             [str(p) for p in grids.exposures["path"]])
@@ -806,21 +867,13 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     spots["grid_col"] = k // nrows
     spots["grid_row"] = k % nrows
     spots["flux"] = np.where(valid, F, np.nan)
-    spots["flux_err"] = np.where(valid, flux_err, np.nan)
-    spots["flux_std"] = flux_std
-    spots["flux_mean"] = flux_mean
-    spots["flux_median"] = flux_median
-    spots["flux_clipped"] = flux_clipped
+    spots["flux_err"] = np.where(valid, st["flux_err"], np.nan)
+    for c in ("flux_std", "flux_mean", "flux_median", "flux_clipped"):
+        spots[c] = st[c]
     spots["ndither"] = n.astype(np.int64)
-    spots["nmeasured"] = n_all.astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        spots["x"] = mean_used(grids.x)
-        spots["y"] = mean_used(grids.y)
-        spots["x_std"] = std_used(grids.x)
-        spots["y_std"] = std_used(grids.y)
-        for q in ("dx", "dy", "xx", "yy", "xy"):
-            spots[q] = mean_used(getattr(grids, q))
-        spots["t_std"] = std_used(throughput)
+    spots["nmeasured"] = st["n_all"].astype(np.int64)
+    for c in ("x", "y", "x_std", "y_std", "dx", "dy", "xx", "yy", "xy", "t_std"):
+        spots[c] = st[c]
     spots["valid"] = valid
     units = {"flux": "ct", "flux_err": "ct", "flux_std": "ct", "flux_mean": "ct", "flux_median": "ct",
              "flux_clipped": "ct", "x": "pix", "y": "pix", "x_std": "pix", "y_std": "pix",
@@ -833,8 +886,7 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     counts = grids.flag_counts()
     exposures["nfar"] = counts["far"].astype(np.int64)
     exposures["nambiguous"] = counts["ambiguous"].astype(np.int64)
-    excluded = ~used.any(axis=0) & measured.any(axis=0)  # left out by the exposure QC
-    exposures["nclipped"] = np.where(excluded, 0, np.count_nonzero(measured & ~used, axis=0)).astype(np.int64)
+    exposures["nclipped"] = st["nclipped"].astype(np.int64)
     if qc_result is not None:
         q = qc_result.table
         exposures["used"] = np.asarray(q["used"], dtype=bool)
@@ -845,38 +897,15 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
     else:
         exposures["used"] = np.ones(len(exposures), dtype=bool)
         exposures["reason"] = np.full(len(exposures), "-", dtype=str)
-    good = used & valid[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        nused = np.count_nonzero(good, axis=0)
-        exposures["scale"] = s
-        # s[j] is an average over spots of f/F: the fixed response pattern the
-        # spots sample is common to all exposures and cancels, so only the
-        # measurement noise moves s. Use the measured flux errors when the
-        # files give them; otherwise the scatter over spots (conservative).
-        with_err = good & np.isfinite(grids.flux_err)
-        measured_err = np.count_nonzero(with_err) >= 0.9 * nused.sum() and with_err.any()
-        if measured_err:
-            def rel2(out, where):  # (flux_err / f)^2
-                np.divide(grids.flux_err, f, out=out, where=where)
-                np.multiply(out, out, out=out)
-
-            _masked(buf, with_err, rel2)
-            exposures["scale_err"] = eff * s * np.sqrt(buf.sum(axis=0)) / np.count_nonzero(with_err, axis=0)
-            spots["flux_err_stat"] = np.where(valid, eff * F * np.sqrt(buf.sum(axis=1))
-                                              / np.count_nonzero(with_err, axis=1), np.nan)
-        else:
-            def ratio(out, where):  # f / F
-                np.divide(f, F[:, None], out=out, where=where)
-
-            s_std = _masked_std(_masked(buf, good, ratio), good, axis=0, ddof=1)
-            exposures["scale_err"] = eff * s_std / np.sqrt(nused)
-            spots["flux_err_stat"] = np.full(len(F), np.nan)
-        spots["flux_err_stat"].unit = "ct"
-        spots["flux_err_stat"].description = "error of F[k] from the measured flux errors only"
-        exposures["nused"] = nused.astype(np.int64)
-        exposures["t_std"] = _masked_std(_masked(buf, good, throughput), good, axis=0, ddof=0)
-    del buf
+    exposures["scale"] = s
+    exposures["scale_err"] = st["scale_err"]
+    spots["flux_err_stat"] = st["flux_err_stat"]
+    spots["flux_err_stat"].unit = "ct"
+    spots["flux_err_stat"].description = "error of F[k] from the measured flux errors only"
+    exposures["nused"] = st["nused"].astype(np.int64)
+    exposures["t_std"] = st["exp_t_std"]
     exposures["scale"].description = "s[j], exposure scale, median(s) = 1"
+    measured_err = st["measured_err"]
 
     paths = [Path(p) for p in grids.exposures["path"]]
     common = os.path.commonpath([str(p.parent) for p in paths]) if paths else ""

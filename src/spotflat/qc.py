@@ -611,8 +611,12 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     -------
     QCResult
     """
-    from astropy.table import Table
+    return _qc_report(_qc_fit(grids, stat, sigma, options, segment, maxiter, tol))
 
+
+def _qc_fit(grids: SpotGrids, stat: str, sigma: float, options: QCOptions | None,
+            segment: tuple[float, float] | None, maxiter: int, tol: float) -> "_QCFit":
+    """:func:`run_qc`'s exposure loop: fit, score, exclude the worst outlier (or re-register), refit."""
     from .calibration import estimate_scales
 
     opt = options or QCOptions()
@@ -691,8 +695,41 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
         reason[worst] = why[worst]
         res = fit(exclude)
 
+    return _QCFit(grids=grids, opt=opt, names=names, exclude=exclude, reason=reason, res=res, tested=tested,
+                  registered=registered, pairs=pairs, metrics=(scatter, width, r, rejected, logt, med))
+
+
+@dataclass
+class _QCFit:
+    """The state :func:`run_qc`'s exposure loop ends in: its final fit and metrics."""
+
+    grids: SpotGrids
+    opt: QCOptions
+    names: list
+    exclude: np.ndarray
+    reason: np.ndarray
+    res: tuple
+    tested: dict
+    registered: dict
+    pairs: np.ndarray | None
+    metrics: tuple
+
+
+def _qc_report(state: _QCFit) -> QCResult:
+    """The QC table of the loop's final state: metrics, grid centres, registration, BF/saturation."""
+    return _qc_bf(state, _qc_table(state))
+
+
+def _qc_table(state: _QCFit):
+    """The QC table's per-exposure metrics, grid centres and registration (all but the
+    brighter-fatter/saturation columns, :func:`_qc_bf`): what the QC figure shows."""
+    from astropy.table import Table
+
+    grids, opt, names, exclude, reason = state.grids, state.opt, state.names, state.exclude, state.reason
+    tested, registered, pairs = state.tested, state.registered, state.pairs
+    scatter, width, r, rejected, _, _ = state.metrics
+    nexp = grids.nexp
     xc, yc = _grid_centres(grids)
-    ft, st, top, bf, spot_bf = _brighter_fatter(grids, logt, med, scatter, F, s)
     reg_name = np.array([tested[j][0][0] if j in tested and tested[j][1] * opt.reg_gain < tested[j][2]
                          else "identity" for j in range(nexp)], dtype=object)
     for n, tr in registered.items():
@@ -717,18 +754,27 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
     table["y_centre"] = yc
     table["registration"] = reg_name.astype(str)
     table["reg_gain"] = gain
-    table["flux_slope"] = ft
-    table["size_slope"] = st
-    table["top_peak_t"] = top
-    table["bf_flag"] = bf
     for c, u in (("x_centre", "pix"), ("y_centre", "pix")):
         table[c].unit = u
     table["t_scatter"].description = "robust scatter of log t (IQR / 1.349)"
     table["t_width"].description = "10-90 % width of log t / 2.563"
+    return table
+
+
+def _qc_bf(state: _QCFit, table) -> QCResult:
+    """:func:`_qc_table`'s table completed with the brighter-fatter and saturation columns."""
+    scatter, _, _, _, logt, med = state.metrics
+    F, s = state.res[0], state.res[1]
+    ft, st, top, bf, spot_bf = _brighter_fatter(state.grids, logt, med, scatter, F, s)
+    table["flux_slope"] = ft
+    table["size_slope"] = st
+    table["top_peak_t"] = top
+    table["bf_flag"] = bf
     table["flux_slope"].description = "d log t / d log peak"
     table["size_slope"].description = "d log size / d log peak (spot's median divided out)"
     table["top_peak_t"].description = "median log t of the brightest tenth of the peaks minus the rest's"
-    return QCResult(table=table, exclude=exclude, fit=res, registered=registered, spot_bf=spot_bf)
+    return QCResult(table=table, exclude=state.exclude, fit=state.res, registered=state.registered,
+                    spot_bf=spot_bf)
 
 
 def _describe(kind: str, scatter: float, width: float, rejected: float, r: float, reg: str) -> str:

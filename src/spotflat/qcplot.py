@@ -129,7 +129,8 @@ def write_qc_figure(qc, path: str | os.PathLike, detector: str = "", helper: "Fi
 def _render(qc, path, detector: str) -> None:
     """:func:`plot_qc` written as PNG to a path or a binary file object (here or in the
     :class:`FigureProcess` child: the same bytes)."""
-    plot_qc(qc, detector).savefig(path, dpi=90, format="png")
+    # zlib level 1: the same pixels, ~10 % more bytes, 30 % less time than the default 6
+    plot_qc(qc, detector).savefig(path, dpi=90, format="png", pil_kwargs={"compress_level": 1})
 
 
 class _Columns(dict):
@@ -177,9 +178,9 @@ class FigureProcess:
             try:
                 os.close(w1)
                 os.close(r2)
-                # below the readers: its imports then take the core the (serial) fit leaves free
-                # instead of slowing the parallel reading (the parent waits when it draws)
-                os.nice(10)
+                # below everything else: its imports take what the parent leaves of the cores
+                # (the readers use both, the fit one) instead of slowing the parent down
+                os.nice(19)
                 _serve(r1, w2)
                 code = 0
             except BaseException:  # noqa: BLE001 -- the parent sees the closed pipe and falls back
@@ -249,26 +250,6 @@ class FigureProcess:
         self.close()
 
 
-def _warm_up() -> None:
-    """Draw a small QC figure to memory: the first figure of a process pays for fonts, text
-    and tick machinery (~0.1 s), here while the parent still computes, not when it waits."""
-    import io
-    import warnings
-
-    n = 8
-    cols = {"filename": np.array([f"e{j}" for j in range(n)]), "used": np.arange(n) > 0,
-            "t_scatter": np.linspace(0.005, 0.02, n), "t_width": np.linspace(0.006, 0.03, n),
-            "pattern_r": np.linspace(0.5, 0.99, n), "rejected_fraction": np.linspace(0.0, 0.05, n),
-            "x_centre": np.linspace(0, 4000, n),
-            "y_centre": np.linspace(0, 4000, n)}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _render(_Columns(cols), io.BytesIO(), "R22_S11")
-    except Exception:  # noqa: BLE001 -- only a warm-up
-        pass
-
-
 def _serve(rfd: int, wfd: int) -> None:
     """The child of :class:`FigureProcess`: import, then draw each request until EOF."""
     import io
@@ -278,7 +259,6 @@ def _serve(rfd: int, wfd: int) -> None:
     from matplotlib.figure import Figure  # noqa: F401
 
     _plain_log()
-    _warm_up()
     with os.fdopen(rfd, "rb") as rf, os.fdopen(wfd, "wb") as wf:
         while True:
             try:

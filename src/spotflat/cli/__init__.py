@@ -8,10 +8,13 @@ with 2 (click's convention). Set ``SPOTFLAT_DEBUG=1`` to see tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.abc
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -57,12 +60,8 @@ def _with_context(name: str, callback):
 
     @functools.wraps(callback)
     def run(*args, **kwargs):
-        from astropy import log as astropy_log
-
-        level = astropy_log.level
-        astropy_log.setLevel("ERROR")  # header-repair chatter ("non-ASCII characters ...") is not for users
         try:
-            with warnings.catch_warnings():
+            with _astropy_log_errors_only(), warnings.catch_warnings():
                 # numpy's floating-point chatter (overflow in a square, all-NaN slices)
                 # is not a message for the user: results are checked, not warned about
                 warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"(numpy|spotflat)(\.|$)")
@@ -84,14 +83,74 @@ def _with_context(name: str, callback):
             raise InputError(f"cannot process these inputs ({type(exc).__name__}: {text})", path=given,
                              expected="undamaged inputs; if they are, please report this "
                                       "(SPOTFLAT_DEBUG=1 shows where it failed)") from None
-        finally:
-            astropy_log.setLevel(level)
 
     def _given(name: str, kwargs: dict) -> str:
         return ", ".join(str(kwargs[k]) for k in _INPUT_ARGS.get(name, ()) if kwargs.get(k) is not None)
 
     run._spotflat_context = True
     return run
+
+
+@contextlib.contextmanager
+def _astropy_log_errors_only():
+    """astropy's log at ERROR during a command: header-repair chatter ("non-ASCII
+    characters ...") is not for users. Set now if astropy is imported, else the
+    moment it is (importing it costs ~0.06 s that a command's reading does not need)."""
+    if "astropy" in sys.modules:
+        log = sys.modules["astropy"].log
+        level = log.level
+        log.setLevel("ERROR")
+        try:
+            yield
+        finally:
+            log.setLevel(level)
+        return
+    hook = _AfterImport("astropy")
+    sys.meta_path.insert(0, hook)
+    try:
+        yield
+    finally:
+        if hook in sys.meta_path:
+            sys.meta_path.remove(hook)
+        if hook.level is not None:
+            sys.modules["astropy"].log.setLevel(hook.level)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds module ``name`` with the other finders; once it has run, sets its log to ERROR
+    (keeping the level it had in :attr:`level`) and steps out of the import system."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.level = None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            log = getattr(module, "log", None)
+            if log is not None:
+                self.level = log.level
+                log.setLevel("ERROR")
+
+        loader.exec_module = exec_module
+        return spec
 
 
 def _refuse_empty(ptype: click.Path) -> None:

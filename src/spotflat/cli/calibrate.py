@@ -170,8 +170,6 @@ def _calibrate(spotdata_dir, raw, flux_column, stat, sigma, min_dithers, detecto
             if issubclass(w.category, UserWarning):
                 click.echo(f"Warning: {w.message}", err=True)
         how = runner.describe()
-    for det in drawn:  # in the order submitted
-        drawn[det] = helper.collect()
     written_all = _write_all(cals, output, several, to_dir, ecsv, qc_figure, inputs=paths, helper=helper,
                              drawn=drawn)
     if len(written_all) == 1:
@@ -185,12 +183,19 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
                drawn=None):
     """Write every catalogue with its QC table and figure: all staged, then renamed together.
 
-    ``drawn``: QC figures already drawn (PNG bytes by detector; None where the drawing failed).
+    ``drawn``: detectors whose QC figure the ``helper`` child is drawing (submitted in this order).
     """
     from ..calibration import write_calibration
     from ..fileio import atomic_path, make_output_dir, staged_outputs
 
-    drawn = drawn or {}
+    pending, got = list(drawn or ()), {}
+
+    def drawn_png(det):  # collected in the order submitted, once the catalogue is written
+        while det in pending:
+            got[pending[0]] = helper.collect()
+            pending.pop(0)
+        return got.get(det)
+
     written_all = []
     with staged_outputs(inputs=inputs):  # every file of the run appears, or none
         if to_dir:
@@ -208,7 +213,7 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
                 if figure:
                     from ..qcplot import write_qc_figure
 
-                    files.append(write_qc_figure(cal.qc, png, det, helper=helper, png=drawn.get(det)))
+                    files.append(write_qc_figure(cal.qc, png, det, helper=helper, png=drawn_png(det)))
             written_all.append((det, cal, files))
     return written_all
 
