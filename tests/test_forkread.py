@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -15,7 +16,17 @@ from spotflat.grids import QUANTITIES, read_grid_files, stack_grid_files
 
 from gridfiles import write_run
 
-pytestmark = pytest.mark.skipif(not _can_fork(), reason="no fork on this platform")
+pytestmark = pytest.mark.skipif(not _can_fork() and threading.active_count() == 1,
+                                reason="no fork on this platform")
+
+
+@pytest.fixture(autouse=True)
+def _no_threads():
+    """Forked readers need a process without other threads (read_stack reads serially
+    otherwise): a thread left by an earlier test (a Dask cluster's) would hide the forks."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if others:
+        pytest.skip(f"threads left running by earlier tests: {[t.name for t in others][:3]}")
 
 
 def _serial(paths, **kw):
@@ -40,7 +51,7 @@ def test_forked_equals_serial(tmp_path, nproc):
     ser = _serial(paths)
     par = read_stack(paths, nproc=nproc, min_files=0)
     _same(par, ser)
-    assert par.nexp == 23
+    assert par.nexp == 23 and par.meta["readers"] == nproc  # forked, not the serial fallback
 
 
 def test_forked_skips_non_grid_files_like_serial(tmp_path):
@@ -49,6 +60,7 @@ def test_forked_skips_non_grid_files_like_serial(tmp_path):
     paths = sorted(paths[:1]) + [tmp_path / "d" / "image.fits"] + paths[1:]  # one in a reader's share
     with pytest.warns(UserWarning, match="image.fits.*skipped"):
         par = read_stack(paths, nproc=2, min_files=0)
+    assert par.meta["readers"] == 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ser = _serial(paths)

@@ -11,8 +11,9 @@ the small per-file metadata. This process reads its own share meanwhile.
 The result is the same :class:`spotflat.grids.SpotGrids`, bit for bit, as
 :func:`spotflat.grids.stack_grid_files` over :func:`spotflat.grids.read_grid_files`
 (the values are copied, not recomputed; exposures are ordered the same way).
-Where ``fork`` is not available (Windows, or too few files to pay for the
-processes) the files are read serially.
+Where forking is not safe or not available (not Linux; other threads
+running, as in a notebook's kernel) or too few files pay for the processes,
+the files are read serially.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ MIN_FILES = 200
 
 
 def _can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods() and hasattr(os, "fork")
+    """Forking is safe: Linux (fork is not macOS's default for a reason), and no other thread
+    running (a notebook's kernel threads could hold a lock the child then waits for forever)."""
+    import sys
+    import threading
+
+    return (sys.platform.startswith("linux") and hasattr(os, "fork")
+            and "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1)
 
 
 def read_stack(paths: Sequence[str | os.PathLike], flux_column: str | None = None,
@@ -74,6 +81,7 @@ def read_stack(paths: Sequence[str | os.PathLike], flux_column: str | None = Non
     Returns
     -------
     SpotGrids
+        ``meta["readers"]``: the number of processes that read.
 
     Raises
     ------
@@ -90,8 +98,10 @@ def read_stack(paths: Sequence[str | os.PathLike], flux_column: str | None = Non
         for name in preload:
             importlib.import_module(name)
         with progress_iter(paths, label, quiet=not progress) as bar:
-            return stack_grid_files(read_grid_files(bar, flux_column), detector=detector,
-                                    count=len(paths), max_offset=max_offset)
+            grids = stack_grid_files(read_grid_files(bar, flux_column), detector=detector,
+                                     count=len(paths), max_offset=max_offset)
+        grids.meta["readers"] = 1
+        return grids
     with progress_bar(len(paths), label, show=progress) as advance:
         return _read_forked(paths, flux_column, detector, max_offset, nproc, advance, preload)
 
@@ -187,8 +197,10 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance, prelo
     kept = [j for j in range(count) if rows[j] is not None]
     if len(kept) < count:
         big = big[:, kept]
-    return _stacked(big, [rows[j] for j in kept], [amb[j] for j in kept], ref.flux_column, detector,
-                    max_offset)
+    grids = _stacked(big, [rows[j] for j in kept], [amb[j] for j in kept], ref.flux_column, detector,
+                     max_offset)
+    grids.meta["readers"] = nproc
+    return grids
 
 
 def _place(big, slot, gf, ref, rows, amb, folders) -> InputError | None:
