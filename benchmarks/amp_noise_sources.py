@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 COMBOS = ("tq", "tq0", "t0q", "t0q0")
 
 
-def realisation(seed: int, clip: bool = True, outlier_fraction: float | None = None) -> dict:
+def realisation(seed: int, clip: bool = True, outlier_fraction: float | None = None,
+                seam: float | None = None) -> dict:
     from calibrate_errors import DETECTOR, grids_from_simulation
 
     from spotflat.calibration import build_calibration
@@ -63,6 +64,8 @@ def realisation(seed: int, clip: bool = True, outlier_fraction: float | None = N
     kw = dict(detector=comp.detector, x=comp.x, y=comp.y, grid_shape=(nrows, ncols), components=("amp",),
               spot_amp=comp.spot_amp_labels(), footprint_sigma=comp.footprint_sigma,
               footprint_radius=comp.footprint_radius, nboot=0, nnull=0, seed=seed)
+    if seam is not None:  # the seam margin of the component fits (analyse_components' margins)
+        kw["margins"] = (seam, 40.0, 50.0)
     row = {"seed": seed}
     pairs = {"tq": (a, b, comp.flat_electrons), "tq0": (a, b0, None), "t0q": (a0, b, comp.flat_electrons),
              "t0q0": (a0, b0, None)}
@@ -93,6 +96,8 @@ def main(argv=None) -> None:
     r.add_argument("--first-seed", type=int, default=100)
     r.add_argument("-o", "--out", type=Path, required=True)
     r.add_argument("--no-clip", action="store_true")
+    r.add_argument("--seam", type=float, default=None,
+                   help="seam margin (px) of the component fits (default: analyse_components')")
     r.add_argument("--outlier-fraction", type=float, default=None,
                    help="the simulator's fraction of outlier points (default: its own, 0.003)")
     t = sub.add_parser("table")
@@ -101,7 +106,8 @@ def main(argv=None) -> None:
     if args.cmd == "run":
         rows, t0 = [], time.time()
         for seed in range(args.first_seed, args.first_seed + args.n):
-            rows.append(realisation(seed, clip=not args.no_clip, outlier_fraction=args.outlier_fraction))
+            rows.append(realisation(seed, clip=not args.no_clip, outlier_fraction=args.outlier_fraction,
+                                    seam=args.seam))
             np.save(args.out, np.array(rows, dtype=object), allow_pickle=True)
             print(f"{len(rows)}/{args.n} realisations, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     else:

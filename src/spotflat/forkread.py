@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
-from .grids import (DEFAULT_MAX_OFFSET, QUANTITIES, NotAGridFile, SpotGrids, _exposure_row, _stacked,
-                    read_grid_file, read_grid_files, stack_grid_files)
+from .grids import (DEFAULT_MAX_OFFSET, QUANTITIES, NotAGridFile, SpotGrids, _exposure_row, _size_mismatch,
+                    _stacked, read_grid_file, read_grid_files, stack_grid_files)
 from .progress import progress_bar
 
 __all__ = ["read_stack", "MIN_FILES"]
@@ -205,10 +205,9 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance, prelo
 
 def _place(big, slot, gf, ref, rows, amb, folders) -> InputError | None:
     """Copy one file's values into its slot of the stack; its row and ambiguous spots."""
-    if (gf.grid["NCOLS"], gf.grid["NROWS"]) != (ref.grid["NCOLS"], ref.grid["NROWS"]):
-        return InputError(f"grid size {gf.grid['NCOLS']} x {gf.grid['NROWS']} differs from "
-                          f"{ref.grid['NCOLS']} x {ref.grid['NROWS']} in {ref.path.name}", path=gf.path,
-                          expected="all files of one run on the same grid")
+    err = _size_mismatch(gf, ref)
+    if err is not None:
+        return err
     for iq, q in enumerate(QUANTITIES):
         big[iq, slot] = gf.values[q]
     rows[slot] = _exposure_row(gf, folders)

@@ -811,10 +811,8 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
             # (quantity, exposure, spot) in C order, so each quantity's [spot, exposure]
             # array is a Fortran-ordered view: filled by contiguous copies, no transpose
             big = np.empty((len(QUANTITIES), count, f.nspot))
-        elif (f.grid["NCOLS"], f.grid["NROWS"]) != (ref.grid["NCOLS"], ref.grid["NROWS"]):
-            raise InputError(f"grid size {f.grid['NCOLS']} x {f.grid['NROWS']} differs from "
-                             f"{ref.grid['NCOLS']} x {ref.grid['NROWS']} in {ref.path.name}", path=f.path,
-                             expected="all files of one run on the same grid")
+        elif (err := _size_mismatch(f, ref)) is not None:
+            raise err
         for iq, q in enumerate(QUANTITIES):
             big[iq, j] = f.values[q]
         rows.append(_exposure_row(f, folders))
@@ -824,6 +822,15 @@ def stack_grid_files(files: Iterable[GridFile], detector: str | None = None,
     if len(rows) < count:
         big = big[:, : len(rows)]
     return _stacked(big, rows, ambiguous, ref.flux_column, detector, max_offset)
+
+
+def _size_mismatch(f: GridFile, ref: GridFile) -> InputError | None:
+    """The error for a file whose grid size differs from the run's first file (None: the same)."""
+    if (f.grid["NCOLS"], f.grid["NROWS"]) == (ref.grid["NCOLS"], ref.grid["NROWS"]):
+        return None
+    return InputError(f"grid size {f.grid['NCOLS']} x {f.grid['NROWS']} differs from "
+                      f"{ref.grid['NCOLS']} x {ref.grid['NROWS']} in {ref.path.name}", path=f.path,
+                      expected="all files of one run on the same grid")
 
 
 def _stacked(big: np.ndarray, rows: list, ambiguous: list, flux_column: str, detector: str | None,
