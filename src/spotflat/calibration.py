@@ -303,6 +303,7 @@ class _Neighbourhoods:
         self._cells: dict = {}
         self._model: dict = {}
         self._cell = None
+        self._full = None  # every point's per-axis finest cells (:meth:`_axes`), for :meth:`cells`
 
     def cells(self, level: int) -> tuple[np.ndarray, int]:
         """``(cell index of every point (-1 where not ok), number of cells + 1)`` at ``level``.
@@ -317,7 +318,9 @@ class _Neighbourhoods:
             ok = self.ok
             if self._cell is None:
                 self._size()
-            cx, cy = self._level_xy(self._axes(self.x, self.y, ok), level)
+            if self._full is None:
+                self._full = self._axes(self.x, self.y, ok)
+            cx, cy = self._level_xy(self._full, level)
             ny = 1
             if self._any:
                 big = np.iinfo(cx.dtype).max
@@ -729,7 +732,7 @@ def _point_statistics(grids: SpotGrids, F: np.ndarray, s: np.ndarray, used: np.n
         out["flux_std"] = std_used(scaled, ddof=1)
         _masked(buf, measured, scaled, fill=np.nan).sort(axis=1)  # NaNs last
         out["flux_median"] = _sorted_median(buf)
-    eff = out["eff"] = _MEDIAN_EFF if stat == "median" else 1.0
+    eff = _MEDIAN_EFF if stat == "median" else 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
         out["flux_err"] = eff * out["flux_std"] / np.sqrt(n)
     valid = out["valid"] = (n >= min_dithers) & np.isfinite(F)

@@ -155,11 +155,11 @@ def _calibrate(spotdata_dir, raw, flux_column, stat, sigma, min_dithers, detecto
             click.echo(f"{len(groups)} detectors found ({shown}): writing one catalogue per detector.")
         # build everything before writing anything: no partial set of outputs
         options = QCOptions(enabled=qc, keep=keep, drop=drop, register=register, max_offset=max_offset)
-        drawn: dict = {}  # detector -> submitted to the figure child (drawn while the catalogue is built)
+        drawn: list = []  # detectors whose QC figure the child draws while the catalogue is built
 
         def on_qc(det, table):
             if qc_figure and helper is not None and helper.submit(table, det):
-                drawn[det] = None
+                drawn.append(det)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -188,7 +188,8 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
     from ..calibration import write_calibration
     from ..fileio import atomic_path, make_output_dir, staged_outputs
 
-    pending, got = list(drawn or ()), {}
+    drawn = list(drawn or ())
+    pending, got = list(drawn), {}
 
     def drawn_png(det):  # collected in the order submitted, once the catalogue is written
         while det in pending:
@@ -213,7 +214,9 @@ def _write_all(cals, output: Path, several: bool, to_dir: bool, ecsv: bool, figu
                 if figure:
                     from ..qcplot import write_qc_figure
 
-                    files.append(write_qc_figure(cal.qc, png, det, helper=helper, png=drawn_png(det)))
+                    # a drawing the child failed is drawn here, not asked of the child again
+                    files.append(write_qc_figure(cal.qc, png, det, helper=None if det in drawn else helper,
+                                                 png=drawn_png(det)))
             written_all.append((det, cal, files))
     return written_all
 
