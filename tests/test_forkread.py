@@ -54,6 +54,43 @@ def test_forked_equals_serial(tmp_path, nproc):
     assert par.nexp == 23 and par.meta["readers"] == nproc  # forked, not the serial fallback
 
 
+def test_forked_without_page_populating_equals_serial(tmp_path, monkeypatch):
+    """A kernel that does not know the populate advice (before Linux 5.14): the pages fault
+    in as they are written, same stack."""
+    import spotflat.forkread as fr
+
+    calls = []
+    real = fr._populate
+    monkeypatch.setattr(fr, "_MADV_POPULATE_WRITE", -1)  # refused by madvise (EINVAL)
+    monkeypatch.setattr(fr, "_populate", lambda *a: calls.append(a[2:]) or real(*a))
+    paths, *_ = write_run(tmp_path / "d", nexp=21, ncols=9, nrows=9, seed=5)
+    par = read_stack(paths, nproc=2, min_files=0)
+    _same(par, _serial(paths))
+    assert calls and all(lo < hi for lo, hi in calls)  # this process's batches went through it
+
+
+def test_populate_covers_the_batch_slots():
+    """Every page of a batch's slots (each quantity) is populated, none past the mapping."""
+    import mmap
+
+    import spotflat.forkread as fr
+
+    shape = (3, 10, 1000)  # slot rows of 8000 bytes: batches start mid-page
+    buf = mmap.mmap(-1, int(np.prod(shape)) * 8)
+    seen = []
+
+    class Spy:
+        def madvise(self, advice, start, length):
+            seen.append((start, length))
+            buf.madvise(advice, start, length)
+
+    fr._populate(Spy(), shape, 3, 7)
+    assert len(seen) == 3
+    for q, (start, length) in enumerate(seen):
+        lo, hi = (q * 10 + 3) * 8000, (q * 10 + 7) * 8000
+        assert start % mmap.PAGESIZE == 0 and start <= lo < start + mmap.PAGESIZE and start + length == hi
+
+
 def test_forked_skips_non_grid_files_like_serial(tmp_path):
     paths, *_ = write_run(tmp_path / "d", nexp=12, ncols=6, nrows=6)
     fits.PrimaryHDU(np.zeros((4, 4))).writeto(tmp_path / "d" / "image.fits")

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # astropy is imported where it is used: reading needs none of
     from astropy.io import fits
     from astropy.table import Table
 
+from .blocks import BlockPool
 from .errors import InputError
 from .fileio import (atomic_path, check_readable, fits_table_safe, fits_table_unescape, provenance_cards, reading,
                      staged_outputs)
@@ -218,37 +219,44 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     converged = False
     local_on = local is not None
     it = 0
-    for it in range(1, maxiter + 1):
-        F_new = np.empty(nspot)
-        acc = np.zeros(nexp)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            invs = np.where(np.isfinite(s), 1.0 / s, 0.0)  # an exposure with no points has no s
-            for b in blocks:  # F = sum_j f/s / n, then s = sum_k f/F / n
-                fb = np.where(used[b], f[b], 0.0)
-                Fb = F_new[b] = (fb @ invs) / nk[b]
-                acc += np.where(np.isfinite(Fb), 1.0 / Fb, 0.0) @ fb
-            known = np.isfinite(F_new)
-            s_new = acc / np.count_nonzero(used if known.all() else used[known], axis=0)
-        F_new, s_new, change = _normalise(F_new, s_new, F, s)
-        if clipped:
+
+    def sums(b):  # F[b] = sum_j f/s / n, and block b's part of sum_k f/F
+        fb = np.where(used[b], f[b], 0.0)
+        Fb = F_new[b] = (fb @ invs) / nk[b]
+        return np.where(np.isfinite(Fb), 1.0 / Fb, 0.0) @ fb
+
+    def clip(b):
+        new_used[b], scale[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma, robust=it == 1)
+
+    # two threads share the blocks; the blocks' parts of s are added in block order
+    with BlockPool(f.size) as pool:
+        for it in range(1, maxiter + 1):
+            F_new = np.empty(nspot)
+            acc = np.zeros(nexp)
             with np.errstate(invalid="ignore", divide="ignore"):
-                invF, invs = 1.0 / F_new, 1.0 / s_new
-                scale = np.empty(nspot)
-                for b in blocks:
-                    new_used[b], scale[b] = _keep(f[b], finite[b], used[b], invF[b], invs, sigma,
-                                                  robust=it == 1)
-                if local_on:
-                    local.rescue(f, finite, new_used, invF, invs, scale, sigma)
-        F, s = F_new, s_new
-        changed = clipped and not np.array_equal(new_used, used)
-        if changed:
-            if used is finite:
-                used = np.empty_like(finite)
-            used, new_used = new_used, used
-            nk = np.count_nonzero(used, axis=1).astype(np.float64)
-        if not changed and change < tol and it > 1:
-            converged = True
-            break
+                invs = np.where(np.isfinite(s), 1.0 / s, 0.0)  # an exposure with no points has no s
+                for part in pool.map(sums, blocks):
+                    acc += part
+                known = np.isfinite(F_new)
+                s_new = acc / np.count_nonzero(used if known.all() else used[known], axis=0)
+            F_new, s_new, change = _normalise(F_new, s_new, F, s)
+            if clipped:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    invF, invs = 1.0 / F_new, 1.0 / s_new
+                    scale = np.empty(nspot)
+                    pool.map(clip, blocks)
+                    if local_on:
+                        local.rescue(f, finite, new_used, invF, invs, scale, sigma, pool)
+            F, s = F_new, s_new
+            changed = clipped and not np.array_equal(new_used, used)
+            if changed:
+                if used is finite:
+                    used = np.empty_like(finite)
+                used, new_used = new_used, used
+                nk = np.count_nonzero(used, axis=1).astype(np.float64)
+            if not changed and change < tol and it > 1:
+                converged = True
+                break
     return F, _finite_scales(f, F, s, sigma), used, it, converged
 
 
@@ -406,7 +414,7 @@ class _Neighbourhoods:
         cx[out] = -1
         return cx
 
-    def rescue(self, f, finite, used, invF, invs, scale, sigma) -> None:
+    def rescue(self, f, finite, used, invF, invs, scale, sigma, pool: BlockPool | None = None) -> None:
         """Put back (in ``used``) the rejected points that agree with their neighbourhood.
 
         ``t`` is relative to each spot's own mean, i.e. to the response
@@ -428,7 +436,7 @@ class _Neighbourhoods:
         for level in range(self.LEVELS):
             if ks.size == 0:
                 return
-            r, a, nc, lims = self._fit_model(level, f, used, invF, invs)
+            r, a, nc, lims = self._fit_model(level, f, used, invF, invs, pool)
             c = self._ids(*self._level_xy(axes, level), lims)
             enough = (c >= 0) & (nc[np.maximum(c, 0)] >= self.MIN_POINTS)
             with np.errstate(invalid="ignore"):
@@ -440,44 +448,54 @@ class _Neighbourhoods:
             ks, js, lt_c = ks[rest], js[rest], lt_c[rest]
             axes = tuple(None if v is None else v[rest] for v in axes)
 
-    def _points(self, f, used, invF, invs) -> tuple:
+    def _points(self, f, used, invF, invs, pool: BlockPool | None = None) -> tuple:
         """``(spot, log t, axes)`` of the points in use, gathered a chunk at a time (no
-        [spot, exposure]-sized temporaries: fresh memory costs more here than the arithmetic)."""
+        [spot, exposure]-sized temporaries: fresh memory costs more here than the arithmetic);
+        the chunks shared by the ``pool``'s threads."""
         if self._cell is None:
             self._size()
         # compressed to 1-D (one memory order for all, whatever each array's)
         order = "F" if f.flags.f_contiguous and not f.flags.c_contiguous else "C"
         good = used & self.ok
         flat = [a.ravel(order=order) for a in (good, f, self.x, self.y)]
-        n = int(np.count_nonzero(good))
+        starts = list(range(0, good.size, _CHUNK))
+        counts = [int(np.count_nonzero(flat[0][lo:lo + _CHUNK])) for lo in starts]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        n = int(offsets[-1])
         gk, gl = np.empty(n, np.intp), np.empty(n)
-        axes = None
-        at = 0
-        for lo in range(0, good.size, _CHUNK):
+        sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
+        has = (np.isfinite(sx), True, np.isfinite(sy), True)  # as :meth:`_axes` returns them
+        axes = tuple(np.empty(n, self._itype) if h else None for h in has)
+
+        def chunk(i):  # written at its place (the chunks' sizes are known): no concatenation
+            lo, at = starts[i], offsets[i]
             sel = np.flatnonzero(flat[0][lo:lo + _CHUNK])
             sel += lo
             k, j = np.unravel_index(sel, f.shape, order=order)
+            out = slice(at, at + sel.size)
+            lt = gl[out]
             with np.errstate(invalid="ignore", divide="ignore"):
-                lt = flat[1][sel] * invF[k]
+                np.multiply(flat[1][sel], invF[k], out=lt)
                 lt *= invs[j]
                 np.log(lt, out=lt)
+            gk[out] = k
+            for dst, v in zip(axes, self._axes(flat[2][sel], flat[3][sel])):
+                if dst is not None:
+                    dst[out] = v
             fin = np.isfinite(lt)
-            if not fin.all():
-                sel, k, lt = sel[fin], k[fin], lt[fin]
-            part = self._axes(flat[2][sel], flat[3][sel])
-            if axes is None:
-                axes = tuple(None if v is None else np.empty(n, v.dtype) for v in part)
-            m = sel.size
-            gk[at:at + m], gl[at:at + m] = k, lt
-            for out, v in zip(axes, part):
-                if out is not None:
-                    out[at:at + m] = v
-            at += m
-        if axes is None:
-            axes = self._axes(np.empty(0), np.empty(0))
-        return gk[:at], gl[:at], tuple(None if v is None else v[:at] for v in axes)
+            return None if fin.all() else (out, fin)
 
-    def _fit_model(self, level: int, f, used, invF, invs):
+        bad = [r for r in (pool.map(chunk, range(len(starts))) if pool is not None
+                           else [chunk(i) for i in range(len(starts))]) if r is not None]
+        if bad:  # points whose log t is not finite (rare): left out
+            keep = np.ones(n, dtype=bool)
+            for out, fin in bad:
+                keep[out] = fin
+            gk, gl = gk[keep], gl[keep]
+            axes = tuple(None if v is None else v[keep] for v in axes)
+        return gk, gl, axes
+
+    def _fit_model(self, level: int, f, used, invF, invs, pool: BlockPool | None = None):
         """``(r, a, count, lims)`` of the cell-response model at ``level``, fitted once;
         ``lims`` place a cell column and row in ``r`` (:meth:`_ids`).
 
@@ -488,7 +506,7 @@ class _Neighbourhoods:
         iterations).
         """
         if level not in self._model:
-            gk, gl, axes = self._points(f, used, invF, invs)
+            gk, gl, axes = self._points(f, used, invF, invs, pool)
             cx, cy = self._level_xy(axes, level)
             del axes
             if cx.size:
@@ -842,15 +860,28 @@ def build_calibration(grids: SpotGrids, stat: str = "clipped", min_dithers: int 
         from .qc import QCOptions, _qc_bf, _qc_fit, _qc_table
 
         opts = qc if isinstance(qc, QCOptions) else QCOptions()
-        state = _qc_fit(grids, stat, sigma, opts, segment, maxiter, tol)
-        F, s, used, niter, converged = state.res  # (re-registration relabels grids.flux in place)
-        table = _qc_table(state)
-        if on_qc is not None:
-            on_qc(table)
-        # the per-point statistics beside the brighter-fatter ones: both are whole-array
-        # numpy work, which runs without the GIL, so a second core takes one of them
+        # The per-point statistics need only the final fit, and the first fit is
+        # the final one unless the QC excludes an exposure: they are computed from
+        # it on a second core (whole-array numpy work, which runs without the GIL)
+        # while this thread scores the exposures and does the brighter-fatter QC.
+        # Not with re-registration, which relabels grids.flux in place.
+        ahead: list = []
         with ThreadPoolExecutor(1) as pool:
-            job = pool.submit(_point_statistics, grids, F, s, used, stat, min_dithers)
+            def on_fit(res):
+                if not ahead and not opts.register:
+                    ahead.append((res, pool.submit(_point_statistics, grids, *res[:3], stat, min_dithers)))
+
+            state = _qc_fit(grids, stat, sigma, opts, segment, maxiter, tol, on_fit=on_fit)
+            F, s, used, niter, converged = state.res
+            if ahead and ahead[0][0] is state.res:
+                job = ahead[0][1]
+            else:  # refitted: the statistics of the final fit, beside the brighter-fatter QC
+                if ahead:
+                    ahead[0][1].cancel()
+                job = pool.submit(_point_statistics, grids, F, s, used, stat, min_dithers)
+            table = _qc_table(state)
+            if on_qc is not None:
+                on_qc(table)
             try:
                 qc_result = _qc_bf(state, table)
             finally:

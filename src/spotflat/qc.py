@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -615,8 +616,13 @@ def run_qc(grids: SpotGrids, stat: str = "clipped", sigma: float = 4.0, options:
 
 
 def _qc_fit(grids: SpotGrids, stat: str, sigma: float, options: QCOptions | None,
-            segment: tuple[float, float] | None, maxiter: int, tol: float) -> "_QCFit":
-    """:func:`run_qc`'s exposure loop: fit, score, exclude the worst outlier (or re-register), refit."""
+            segment: tuple[float, float] | None, maxiter: int, tol: float,
+            on_fit: Callable[[tuple], None] | None = None) -> "_QCFit":
+    """:func:`run_qc`'s exposure loop: fit, score, exclude the worst outlier (or re-register), refit.
+
+    ``on_fit(res)`` is called with every fit (:func:`~spotflat.calibration.estimate_scales`'s
+    result) as soon as it is made; the last one is the loop's result (``_QCFit.res``).
+    """
     from .calibration import estimate_scales
 
     opt = options or QCOptions()
@@ -635,8 +641,11 @@ def _qc_fit(grids: SpotGrids, stat: str, sigma: float, options: QCOptions | None
     ncols, nrows = grids.grid_shape
 
     def fit(excl):
-        return estimate_scales(grids.flux, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol,
-                               x=grids.x, y=grids.y, exclude=excl if excl.any() else None, segment=segment)
+        res = estimate_scales(grids.flux, stat=stat, sigma=sigma, maxiter=maxiter, tol=tol,
+                              x=grids.x, y=grids.y, exclude=excl if excl.any() else None, segment=segment)
+        if on_fit is not None:
+            on_fit(res)
+        return res
 
     res = fit(exclude)
     tested: dict = {}
