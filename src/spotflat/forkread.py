@@ -164,7 +164,7 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance, prelo
         folders: dict = {}
         for slot in claim:
             try:
-                gf = read_grid_file(paths[first + slot], flux_column)
+                gf = read_grid_file(paths[first + slot], flux_column, out=big[:, slot])
             except NotAGridFile as exc:
                 skipped[first + slot] = str(exc)
             except Exception as exc:  # noqa: BLE001 -- raised below, in reading order
@@ -209,7 +209,8 @@ def _place(big, slot, gf, ref, rows, amb, folders) -> InputError | None:
     if err is not None:
         return err
     for iq, q in enumerate(QUANTITIES):
-        big[iq, slot] = gf.values[q]
+        if not np.may_share_memory(gf.values[q], big[iq, slot]):  # not read into its slot already
+            big[iq, slot] = gf.values[q]
     rows[slot] = _exposure_row(gf, folders)
     amb[slot] = gf.ambiguous
     return None
@@ -223,7 +224,7 @@ def _reader(conn, claim, paths, first, big, ref, flux_column) -> None:  # pragma
     try:
         for slot in claim:
             try:
-                gf = read_grid_file(paths[first + slot], flux_column)
+                gf = read_grid_file(paths[first + slot], flux_column, out=big[:, slot])
             except NotAGridFile as exc:
                 conn.send(("skip", slot, str(exc)))
                 continue

@@ -414,7 +414,7 @@ def _header_meta(path: Path, headers: Sequence) -> dict:
     return meta
 
 
-def _read_dm(path: Path, src: _Source, flux_column: str | None) -> GridFile:
+def _read_dm(path: Path, src: _Source, flux_column: str | None, out: np.ndarray | None = None) -> GridFile:
     data = src
     grid = None
     if src.grid_info is not None:
@@ -440,7 +440,7 @@ def _read_dm(path: Path, src: _Source, flux_column: str | None) -> GridFile:
                          f"{', ...' if len(dup) > 5 else ''})", path=path, expected="each grid point matched once")
 
     names = src.names
-    nan = np.full(src.nrows, np.nan)
+    nan = np.full(src.nrows, np.nan) if not {"base_SdssShape_xy", flux_column + "Err"} <= set(names) else None
     x = _column(data, "base_SdssCentroid_x", path)
     y = _column(data, "base_SdssCentroid_y", path)
     if "spotgrid_x" in names and "spotgrid_y" in names:
@@ -461,7 +461,11 @@ def _read_dm(path: Path, src: _Source, flux_column: str | None) -> GridFile:
     }
     # scatter each quantity into its row of one (quantity, spot) block; 1-D
     # scatters are several times faster than one 2-D fancy-indexed one
-    block = np.full((len(QUANTITIES), nspot), np.nan)
+    if out is not None and out.shape == (len(QUANTITIES), nspot) and out.dtype == np.float64:
+        block = out  # e.g. the file's slot of a stack: no block of its own to copy there
+        block.fill(np.nan)
+    else:
+        block = np.full((len(QUANTITIES), nspot), np.nan)
     for row, q in zip(block, QUANTITIES):
         row[idx] = rows[q].take(sel)
     values = dict(zip(QUANTITIES, block))
@@ -520,7 +524,8 @@ def _shared_sources(x: np.ndarray, y: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.sort(order[dup])
 
 
-def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> GridFile:
+def read_grid_file(path: str | os.PathLike, flux_column: str | None = None,
+                   out: np.ndarray | None = None) -> GridFile:
     """Read one processed-grid file of either format.
 
     Parameters
@@ -530,6 +535,11 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
     flux_column : str, optional
         Flux column to use (a ``+`` between names sums columns). Defaults to
         ``base_SdssShape_instFlux`` (DM) or ``FLUX+DFLUX`` (legacy).
+    out : numpy.ndarray, optional
+        A float64 array of shape ``(len(QUANTITIES), nspot)``: a DM
+        catalogue of a grid of ``nspot`` points is scattered into it (its
+        ``values`` are then views of ``out``'s rows), e.g. into its slot of a
+        stack. Ignored for other files and grid sizes.
 
     Returns
     -------
@@ -544,7 +554,7 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
     path = Path(path)
     with reading(path, "a processed-grid FITS file"):
         try:
-            return _read_fast(path, flux_column)
+            return _read_fast(path, flux_column, out)
         except Unsupported:
             pass  # compressed, unusual or damaged: astropy reads it or says what is wrong
         from astropy.io import fits
@@ -560,11 +570,11 @@ def read_grid_file(path: str | os.PathLike, flux_column: str | None = None) -> G
             raise InputError(f"damaged FITS file ({exc})", path=path) from None
 
 
-def _dispatch(path: Path, src: _Source, flux_column: str | None) -> GridFile:
+def _dispatch(path: Path, src: _Source, flux_column: str | None, out: np.ndarray | None = None) -> GridFile:
     # a DM grid catalogue (spot indices and LSST base_ measurements): a missing
     # column is then an error, not a reason to skip the file
     if "spotgrid_index" in src.names and any(n.startswith("base_") for n in src.names):
-        return _read_dm(path, src, flux_column)
+        return _read_dm(path, src, flux_column, out)
     if "DFLUX" in src.names or ("X" in src.names and "DX" in src.names):
         return _read_legacy(path, src, flux_column)
     raise NotAGridFile("neither a DM grid catalogue nor a legacy processed grid", path=path,
@@ -576,7 +586,7 @@ _WANTED = ("spotgrid_index", "spotgrid_x", "spotgrid_y", "base_SdssCentroid_x", 
            "X", "Y", "DX", "DY", "XX", "YY", "DXX", "DYY", "FLUX", "DFLUX")
 
 
-def _read_fast(path: Path, flux_column: str | None) -> GridFile:
+def _read_fast(path: Path, flux_column: str | None, out: np.ndarray | None = None) -> GridFile:
     ff = FitsFile(path)
     if len(ff.headers) < 2 or str(ff.headers[1].get("XTENSION", "")).strip() != "BINTABLE":
         raise Unsupported("no binary table in HDU 1")
@@ -592,7 +602,7 @@ def _read_fast(path: Path, flux_column: str | None) -> GridFile:
     src = _Source(names=names, headers=[ff.headers[0], ff.headers[1]],
                   grid_info=None if gi is None else ff.headers[gi], get=cols.__getitem__,
                   nrows=int(ff.headers[1]["NAXIS2"]))
-    return _dispatch(path, src, flux_column)
+    return _dispatch(path, src, flux_column, out)
 
 
 def _read_astropy(path: Path, hdul, flux_column: str | None) -> GridFile:
