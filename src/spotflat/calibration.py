@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # astropy is imported where it is used: reading needs none of
 
 from .blocks import BlockPool
 from .errors import InputError
+from .masks import count, nonzero
 from .fileio import (atomic_path, check_readable, fits_table_safe, fits_table_unescape, provenance_cards, reading,
                      staged_outputs)
 from .grids import SpotGrids
@@ -59,7 +60,7 @@ def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
 
 def _sorted_median(a: np.ndarray) -> np.ndarray:
     """Median of the finite values along the last axis of ``a``, sorted along it (NaNs last)."""
-    n = np.count_nonzero(np.isfinite(a), axis=-1)
+    n = count(np.isfinite(a), axis=-1)
     lo = np.maximum((n - 1) // 2, 0)[..., None]
     hi = np.maximum(n // 2, 0)[..., None]
     med = 0.5 * (np.take_along_axis(a, lo, -1) + np.take_along_axis(a, hi, -1))[..., 0]
@@ -92,7 +93,7 @@ def _masked_std(buf: np.ndarray, mask: np.ndarray, axis: int, ddof: int) -> np.n
 
     ``buf`` is overwritten. Equals ``np.nanstd(where(mask, a, nan), axis, ddof=ddof)``.
     """
-    n = np.count_nonzero(mask, axis=axis)
+    n = count(mask, axis=axis)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = buf.sum(axis=axis) / n
         buf -= np.expand_dims(mean, axis)
@@ -213,7 +214,7 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
     blocks = [slice(r, min(r + _BLOCK_ROWS, nspot)) for r in range(0, nspot, _BLOCK_ROWS)]
     used = finite
     new_used = np.empty_like(finite) if clipped else finite
-    nk = np.count_nonzero(used, axis=1).astype(np.float64)  # points per spot
+    nk = count(used, axis=1).astype(np.float64)  # points per spot
     s = np.ones(nexp)
     F = np.full(nspot, np.nan)
     converged = False
@@ -238,7 +239,7 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
                 for part in pool.map(sums, blocks):
                     acc += part
                 known = np.isfinite(F_new)
-                s_new = acc / np.count_nonzero(used if known.all() else used[known], axis=0)
+                s_new = acc / count(used if known.all() else used[known], axis=0)
             F_new, s_new, change = _normalise(F_new, s_new, F, s)
             if clipped:
                 with np.errstate(invalid="ignore", divide="ignore"):
@@ -253,7 +254,7 @@ def estimate_scales(flux: np.ndarray, stat: str = "clipped", sigma: float = 4.0,
                 if used is finite:
                     used = np.empty_like(finite)
                 used, new_used = new_used, used
-                nk = np.count_nonzero(used, axis=1).astype(np.float64)
+                nk = count(used, axis=1).astype(np.float64)
             if not changed and change < tol and it > 1:
                 converged = True
                 break
@@ -427,7 +428,7 @@ class _Neighbourhoods:
         cand = finite & ~used & self.ok
         if not cand.any():
             return
-        ks, js = np.nonzero(cand)
+        ks, js = nonzero(cand)  # (in memory order: which order does not matter here)
         with np.errstate(invalid="ignore", divide="ignore"):
             lt_c = np.log(f[ks, js] * invF[ks] * invs[js])
         if self._cell is None:
@@ -569,7 +570,7 @@ def _keep(f: np.ndarray, finite: np.ndarray, used: np.ndarray, invF: np.ndarray,
     if robust:
         scale = _robust_sigma(np.where(used, resid, np.nan), axis=1)
     else:
-        n = np.count_nonzero(used, axis=1)[:, None].astype(np.float64)
+        n = count(used, axis=1)[:, None].astype(np.float64)
         r0 = np.where(used, resid, 0.0)
         mean = r0.sum(axis=1, keepdims=True) / n
         r0 *= resid
@@ -727,8 +728,8 @@ def _point_statistics(grids: SpotGrids, F: np.ndarray, s: np.ndarray, used: np.n
     f = grids.flux
     buf = np.empty_like(f)
     measured = np.isfinite(f) & np.isfinite(s)[None, :]
-    n_all = np.count_nonzero(measured, axis=1)
-    n = np.count_nonzero(used, axis=1)
+    n_all = count(measured, axis=1)
+    n = count(used, axis=1)
     out = {"n": n, "n_all": n_all}
 
     def scaled(out, where):  # f / s
@@ -763,10 +764,10 @@ def _point_statistics(grids: SpotGrids, F: np.ndarray, s: np.ndarray, used: np.n
             out[q] = mean_used(getattr(grids, q))
         out["t_std"] = std_used(throughput)
     excluded = ~used.any(axis=0) & measured.any(axis=0)  # left out by the exposure QC
-    out["nclipped"] = np.where(excluded, 0, np.count_nonzero(measured & ~used, axis=0))
+    out["nclipped"] = np.where(excluded, 0, count(measured & ~used, axis=0))
     good = used & valid[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        nused = out["nused"] = np.count_nonzero(good, axis=0)
+        nused = out["nused"] = count(good, axis=0)
         # s[j] is an average over spots of f/F: the fixed response pattern the
         # spots sample is common to all exposures and cancels, so only the
         # measurement noise moves s. Use the measured flux errors when the
@@ -779,9 +780,9 @@ def _point_statistics(grids: SpotGrids, F: np.ndarray, s: np.ndarray, used: np.n
                 np.multiply(out, out, out=out)
 
             _masked(buf, with_err, rel2)
-            out["scale_err"] = eff * s * np.sqrt(buf.sum(axis=0)) / np.count_nonzero(with_err, axis=0)
+            out["scale_err"] = eff * s * np.sqrt(buf.sum(axis=0)) / count(with_err, axis=0)
             out["flux_err_stat"] = np.where(valid, eff * F * np.sqrt(buf.sum(axis=1))
-                                            / np.count_nonzero(with_err, axis=1), np.nan)
+                                            / count(with_err, axis=1), np.nan)
         else:
             def ratio(out, where):  # f / F
                 np.divide(f, F[:, None], out=out, where=where)

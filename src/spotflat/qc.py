@@ -58,6 +58,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import InputError
+from .masks import count
 from .grids import DEFAULT_MAX_OFFSET, QUANTITIES, SpotGrids
 
 __all__ = ["QCOptions", "QCResult", "run_qc", "register_labels", "grid_transforms", "apply_registration"]
@@ -229,7 +230,7 @@ def register_labels(logf: np.ndarray, logF: np.ndarray, ncols: int, nrows: int, 
     # all candidates at once: one row of log f - log F per transform
     k2 = table[:, k]
     d = logf[k][None, :] - np.where(k2 >= 0, logF[np.maximum(k2, 0)], np.nan)
-    n = np.count_nonzero(np.isfinite(d), axis=1)
+    n = count(np.isfinite(d), axis=1)
     med = _nanmedian(d, 1)
     sc = _robust_sigma(d - med[:, None], 1)[:, 0]
     sc[(n < max(20, 0.5 * n_ident)) & (np.arange(len(cands)) > 0)] = np.inf
@@ -330,17 +331,17 @@ def _local_metrics(grids: SpotGrids, logt: np.ndarray, used, sigma: float, exclu
     ref = float(np.nanmedian(scatter[~exclude])) if np.isfinite(scatter[~exclude]).any() else np.nan
     with np.errstate(invalid="ignore"):
         out = np.abs(res) > sigma * ref
-    nfin = np.count_nonzero(np.isfinite(res), axis=0)
-    nflag = np.count_nonzero(grids.flags != 0, axis=0)
+    nfin = count(np.isfinite(res), axis=0)
+    nflag = count(grids.flags != 0, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rejected = (np.count_nonzero(out, axis=0) + nflag) / (nfin + nflag)
+        rejected = (count(out, axis=0) + nflag) / (nfin + nflag)
     return scatter, (q90 - q10) / 2.563, rejected
 
 
 def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
     """Per-exposure scatter, pattern correlation and rejected fraction against the fit."""
     f = grids.flux
-    nk = np.count_nonzero(used, axis=1)
+    nk = count(used, axis=1)
     good_F = np.isfinite(F) & (F > 0) & (nk >= 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         logt = np.log(f / (F[:, None] * s[None, :]))
@@ -352,10 +353,10 @@ def _metrics(grids: SpotGrids, F, s, used, sigma: float, exclude: np.ndarray):
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         out = np.abs(logt - med[None, :]) > sigma * ref
-    nfin = np.count_nonzero(np.isfinite(logt), axis=0)
-    nflag = np.count_nonzero(grids.flags != 0, axis=0)
+    nfin = count(np.isfinite(logt), axis=0)
+    nflag = count(grids.flags != 0, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rejected = (np.count_nonzero(out, axis=0) + nflag) / (nfin + nflag)
+        rejected = (count(out, axis=0) + nflag) / (nfin + nflag)
         logF = np.log(np.where(good_F, F, np.nan))
         lf = np.log(f / s[None, :])
     m = np.isfinite(lf) & np.isfinite(logF)[:, None] & ~out
@@ -367,7 +368,7 @@ def _column_stats(a: np.ndarray):
     """Per column (NaN-aware, one sort): median, robust scatter (interquartile range / 1.349),
     10th and 90th percentiles."""
     srt = np.sort(a, axis=0)  # NaNs last
-    n = np.count_nonzero(np.isfinite(srt), axis=0)
+    n = count(np.isfinite(srt), axis=0)
     cols = np.arange(a.shape[1])
 
     def at(q):
@@ -383,7 +384,7 @@ def _column_stats(a: np.ndarray):
 
 def _masked_corr(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Pearson correlation per column over the points in ``m`` (x, y zero elsewhere)."""
-    n = np.count_nonzero(m, axis=0).astype(np.float64)
+    n = count(m, axis=0).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mx, my = x.sum(0) / n, y.sum(0) / n
         sxy = (x * y).sum(0) / n - mx * my
@@ -414,7 +415,7 @@ def _pair_scatter(f: np.ndarray, s: np.ndarray, min_common: int = 20) -> np.ndar
     for j in range(n):
         d = lf[:, j:j + 1] - lf
         _, sc, _, _ = _column_stats(d)
-        common = np.count_nonzero(fin[:, j:j + 1] & fin, axis=0)
+        common = count(fin[:, j:j + 1] & fin, axis=0)
         sc[(common < min_common) | (np.arange(n) == j)] = np.nan
         sc = np.sort(sc[np.isfinite(sc)])
         if sc.size:
@@ -469,7 +470,7 @@ def _spot_centre(a: np.ndarray, good: np.ndarray) -> np.ndarray:
         if a.shape[1] <= PAIRWISE_MAX:
             return _nanmedian(np.where(good, a, np.nan), 1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(good, a, 0.0).sum(1) / np.count_nonzero(good, axis=1)
+            return np.where(good, a, 0.0).sum(1) / count(good, axis=1)
 
 
 def _spot_peak(grids: SpotGrids, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -556,7 +557,7 @@ def _brighter_fatter(grids: SpotGrids, logt: np.ndarray, med: np.ndarray, mad: n
     t0 = np.where(mtop, logt, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         hi_w = top_spot.astype(np.float64)
-        nall = np.count_nonzero(mtop, axis=0)
+        nall = count(mtop, axis=0)
         nh = hi_w @ mtop
         nl = nall - nh
         sh = hi_w @ t0
