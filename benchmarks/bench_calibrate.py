@@ -159,7 +159,7 @@ def _whole(mode: str, directory: Path) -> float:
         # first on PATH (a pyenv shim is a bash script costing ~0.08 s per command here)
         beside = Path(sys.executable).parent / "spotflat"
         exe = str(beside) if beside.is_file() else shutil.which("spotflat")
-        start = [exe] if exe else [sys.executable, "-c", "from spotflat.cli import main; main()"]
+        start = [exe] if exe else [sys.executable, "-c", "from spotflat.cli import console_main; console_main()"]
         cmd = start + ["calibrate", str(directory), "-o",
                str(directory.parent / "calib_cli.fits"), "-q"] + (["--no-qc-figure"] if mode == "d'" else [])
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ import click
 from ..errors import InputError, SpotflatError
 from ..fileio import _os_error
 
-__all__ = ["main"]
+__all__ = ["main", "console_main"]
 
 # command name -> (module, function); modules are imported lazily
 _COMMANDS = {
@@ -249,3 +249,47 @@ def main() -> None:
       spotflat correlate calib.fits --flat ccob_flat.fits -o results/
       spotflat demo            # the whole chain on simulated data
     """
+
+
+def console_main() -> None:
+    """The ``spotflat`` console script (and ``python -m spotflat.cli``): :func:`main`, then a
+    quick exit.
+
+    Tearing the interpreter down after a command (astropy's thousands of
+    objects, the freed [spot, exposure] stacks) costs 0.1-0.2 s here, a
+    twentieth of a calibration of 1400 files. Once the command has returned
+    -- its outputs written and closed, no other thread or child process left
+    -- the exit handlers run, the standard streams are flushed and the
+    process ends without that teardown. Anything else (a thread still
+    running, an exit status that is not a number) exits the usual way.
+    """
+    try:
+        main(prog_name="spotflat")
+    except SystemExit as exc:
+        _quick_exit(exc.code)
+        raise
+    _quick_exit(0)
+
+
+def _quick_exit(code) -> None:
+    """``os._exit(code)`` after the exit handlers and a flush, when nothing is left running."""
+    import atexit
+    import threading
+
+    if code is None:
+        code = 0
+    if not isinstance(code, int) or threading.active_count() > 1:
+        return
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None and mp.active_children():
+        return
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_handlers is None:  # not CPython: the usual exit
+        return
+    run_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (``| head``) or stream: nothing more to say
+            pass
+    os._exit(code)

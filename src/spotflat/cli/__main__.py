@@ -1,5 +1,5 @@
 """``python -m spotflat.cli``: the same as the ``spotflat`` command."""
 
-from . import main
+from . import console_main
 
-main(prog_name="spotflat")
+console_main()
