@@ -31,10 +31,10 @@ if TYPE_CHECKING:  # astropy is imported where it is used: reading needs none of
 
 from .blocks import BlockPool
 from .errors import InputError
-from .masks import count, nonzero
 from .fileio import (atomic_path, check_readable, fits_table_safe, fits_table_unescape, provenance_cards, reading,
                      staged_outputs)
 from .grids import SpotGrids
+from .masks import count, nonzero
 
 __all__ = [
     "STATISTICS",
@@ -464,9 +464,8 @@ class _Neighbourhoods:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         n = int(offsets[-1])
         gk, gl = np.empty(n, np.intp), np.empty(n)
-        sx, sy = self.segment if self.segment is not None else (np.inf, np.inf)
-        has = (np.isfinite(sx), True, np.isfinite(sy), True)  # as :meth:`_axes` returns them
-        axes = tuple(np.empty(n, self._itype) if h else None for h in has)
+        # the per-axis arrays :meth:`_axes` returns (None for an axis without segments), full size
+        axes = tuple(None if v is None else np.empty(n, v.dtype) for v in self._axes(np.empty(0), np.empty(0)))
 
         def chunk(i):  # written at its place (the chunks' sizes are known): no concatenation
             lo, at = starts[i], offsets[i]

@@ -163,16 +163,11 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance, prelo
             importlib.import_module(name)
         folders: dict = {}
         for slot in claim:
-            try:
-                gf = read_grid_file(paths[first + slot], flux_column, out=big[:, slot])
-            except NotAGridFile as exc:
-                skipped[first + slot] = str(exc)
-            except Exception as exc:  # noqa: BLE001 -- raised below, in reading order
-                errors[slot] = exc
-            else:
-                err = _place(big, slot, gf, ref, rows, amb, folders)
-                if err is not None:
-                    errors[slot] = err
+            kind, what = _read_slot(slot, paths, first, big, ref, flux_column, rows, amb, folders)
+            if kind == "skip":
+                skipped[first + slot] = what
+            elif kind == "error":  # raised below, in reading order
+                errors[slot] = what
             if errors:
                 claim.stop()
             advance(1)
@@ -203,6 +198,20 @@ def _read_forked(paths, flux_column, detector, max_offset, nproc, advance, prelo
     return grids
 
 
+def _read_slot(slot, paths, first, big, ref, flux_column, rows, amb, folders) -> tuple[str, object]:
+    """Read file ``first + slot`` into its slot of the stack (this process or a reader's):
+    ``("ok", None)``, ``("skip", message)`` for a file that is not a grid, or
+    ``("error", exception)``."""
+    try:
+        gf = read_grid_file(paths[first + slot], flux_column, out=big[:, slot])
+    except NotAGridFile as exc:
+        return "skip", str(exc)
+    except Exception as exc:  # noqa: BLE001 -- reported by the caller, in reading order
+        return "error", exc
+    err = _place(big, slot, gf, ref, rows, amb, folders)
+    return ("ok", None) if err is None else ("error", err)
+
+
 def _place(big, slot, gf, ref, rows, amb, folders) -> InputError | None:
     """Copy one file's values into its slot of the stack; its row and ambiguous spots."""
     err = _size_mismatch(gf, ref)
@@ -223,20 +232,14 @@ def _reader(conn, claim, paths, first, big, ref, flux_column) -> None:  # pragma
     amb: list = [None] * big.shape[1]
     try:
         for slot in claim:
-            try:
-                gf = read_grid_file(paths[first + slot], flux_column, out=big[:, slot])
-            except NotAGridFile as exc:
-                conn.send(("skip", slot, str(exc)))
+            kind, what = _read_slot(slot, paths, first, big, ref, flux_column, rows, amb, folders)
+            if kind == "error":  # sent to the parent, which raises it
+                claim.stop()
+                conn.send(("error", slot, _pickled(what)))
+                return
+            if kind == "skip":
+                conn.send(("skip", slot, what))
                 continue
-            except Exception as exc:  # noqa: BLE001 -- sent to the parent, which raises it
-                claim.stop()
-                conn.send(("error", slot, _pickled(exc)))
-                return
-            err = _place(big, slot, gf, ref, rows, amb, folders)
-            if err is not None:
-                claim.stop()
-                conn.send(("error", slot, _pickled(err)))
-                return
             conn.send(("ok", slot, rows[slot], amb[slot]))
             rows[slot] = amb[slot] = None
     finally:

@@ -440,7 +440,7 @@ def _read_dm(path: Path, src: _Source, flux_column: str | None, out: np.ndarray 
                          f"{', ...' if len(dup) > 5 else ''})", path=path, expected="each grid point matched once")
 
     names = src.names
-    nan = np.full(src.nrows, np.nan) if not {"base_SdssShape_xy", flux_column + "Err"} <= set(names) else None
+    nan = np.full(src.nrows, np.nan)
     x = _column(data, "base_SdssCentroid_x", path)
     y = _column(data, "base_SdssCentroid_y", path)
     if "spotgrid_x" in names and "spotgrid_y" in names:

@@ -58,8 +58,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import InputError
-from .masks import count
 from .grids import DEFAULT_MAX_OFFSET, QUANTITIES, SpotGrids
+from .masks import count
 
 __all__ = ["QCOptions", "QCResult", "run_qc", "register_labels", "grid_transforms", "apply_registration"]
 
